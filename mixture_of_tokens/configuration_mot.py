@@ -1,0 +1,166 @@
+"""Configuration of MoTGPT: GPT-2 with Mixture of Tokens feed-forward layers."""
+
+from transformers import GPT2Config
+from transformers.activations import ACT2CLS
+
+LEARNABLE_TEMPERATURE_MODES = ("none", "layer", "expert")
+MOT_LAYER_PRESETS = ("all", "second_half")
+
+
+class MoTGPTConfig(GPT2Config):
+    r"""
+    Configuration of a [`MoTGPTModel`]: the GPT-2 architecture in which the MLP of chosen blocks is replaced by a
+    Mixture of Tokens (MoT) layer (Antoniak et al., "Mixture of Tokens: Continuous MoE through Cross-Example
+    Aggregation", 2023). Every [`~transformers.GPT2Config`] field keeps its meaning; the fields below are added.
+
+    In a MoT layer the batch rows are cut into consecutive blocks of `group_size` rows. At each position, the tokens
+    of one block form a group. Each of the `n_experts` experts receives one softmax-weighted mixture of the group's
+    tokens and hands its output back to them with the same weights. Tokens are only mixed with tokens at the same
+    position of other rows, so the model stays causal.
+
+    Args:
+        n_experts (`int`, *optional*, defaults to 32):
+            Number of experts E in each MoT layer. Must be at least 1.
+        group_size (`int`, *optional*, defaults to 32):
+            Number of batch rows G whose tokens are mixed together. Must be at least 1. A batch whose size is not a
+            multiple of `group_size` is allowed: its last group is smaller.
+        expert_size (`int`, *optional*):
+            Hidden width f of each expert. `None` (default) picks the FLOP-matched width
+            `group_size * d_ff / n_experts` with `d_ff = n_inner or 4 * n_embd`, so that a MoT layer spends as many
+            expert FLOPs per token as the dense MLP it replaces. That quotient must then be a whole number.
+        mot_layers (`str` or `list[int]`, *optional*, defaults to `"all"`):
+            Which blocks use a MoT layer instead of the dense MLP: `"all"`, `"second_half"` (blocks
+            `n_layer // 2` and up, as in the paper's configurations) or a list of block indices in `[0, n_layer)`.
+            An empty list gives the dense GPT-2 twin of the model.
+        router_temperature (`float`, *optional*, defaults to 1.0):
+            Softmax temperature T of the mixing weights, `>= 0`. `0` is discrete routing: each expert takes only the
+            highest-scoring token of its group. With a learnable temperature this is its initial value and must be
+            `> 0`. A forward call may override it with `router_temperature=`.
+        learnable_temperature (`str`, *optional*, defaults to `"none"`):
+            `"none"` keeps T fixed; `"layer"` learns one T per MoT layer; `"expert"` learns one T per expert. A
+            learned T is stored as its logarithm in the `log_temperature` parameter.
+        expert_activation (`str`, *optional*, defaults to `"relu"`):
+            Activation inside the experts: any name known to `transformers.activations` (the paper uses `"relu"`,
+            GPT-2's MLP uses `"gelu_new"`).
+        expert_bias (`bool`, *optional*, defaults to `False`):
+            Whether the experts have biases (the paper's have none).
+        mot_init_scale (`float`, *optional*, defaults to 0.1):
+            MoT weights start from a truncated normal with `std = sqrt(mot_init_scale / fan_in)`, as in the paper.
+            Must be `> 0`.
+        output_router_logits (`bool`, *optional*, defaults to `False`):
+            Whether the model returns each MoT layer's controller logits, of shape `(batch_size, seq_len, n_experts)`.
+
+    Example:
+
+    ```python
+    >>> from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM
+
+    >>> config = MoTGPTConfig(n_layer=2, n_embd=64, n_head=2, n_experts=8, group_size=4)
+    >>> model = MoTGPTForCausalLM(config)
+    >>> config.expert_size_resolved  # 4 * 256 / 8
+    128
+    ```
+    """
+
+    model_type = "motgpt"
+
+    n_experts: int = 32
+    group_size: int = 32
+    expert_size: int | None = None
+    mot_layers: str | list[int] = "all"
+    router_temperature: float | int = 1.0
+    learnable_temperature: str = "none"
+    expert_activation: str = "relu"
+    expert_bias: bool = False
+    mot_init_scale: float | int = 0.1
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        # Without an explicit map, the saved config.json names our classes for every Auto class, so a checkpoint
+        # loads with `trust_remote_code=True` where this package is not installed.
+        kwargs.setdefault(
+            "auto_map",
+            {
+                "AutoConfig": "configuration_mot.MoTGPTConfig",
+                "AutoModel": "modeling_mot.MoTGPTModel",
+                "AutoModelForCausalLM": "modeling_mot.MoTGPTForCausalLM",
+            },
+        )
+        super().__post_init__(**kwargs)
+        self._check_mot_fields()
+
+    def _check_mot_fields(self) -> None:
+        """Raise a `ValueError` naming the field, its value and what is allowed, for any invalid MoT field."""
+        for name in ("n_experts", "group_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if self.expert_size is not None and (
+            isinstance(self.expert_size, bool) or not isinstance(self.expert_size, int) or self.expert_size < 1
+        ):
+            raise ValueError(f"`expert_size` must be None (FLOP-matched) or an integer >= 1, got {self.expert_size!r}.")
+        if self.expert_size is None and (self.group_size * self.d_ff) % self.n_experts:
+            raise ValueError(
+                f"`expert_size=None` asks for the FLOP-matched width group_size * d_ff / n_experts = "
+                f"{self.group_size} * {self.d_ff} / {self.n_experts}, which is not a whole number; "
+                "set `expert_size` explicitly or pick `n_experts` dividing group_size * d_ff."
+            )
+        if isinstance(self.mot_layers, str):
+            if self.mot_layers not in MOT_LAYER_PRESETS:
+                raise ValueError(
+                    f"`mot_layers` must be one of {MOT_LAYER_PRESETS} or a list of block indices, got {self.mot_layers!r}."
+                )
+        else:
+            bad = [i for i in self.mot_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer]
+            if bad or len(set(self.mot_layers)) != len(self.mot_layers):
+                raise ValueError(
+                    f"`mot_layers` must list distinct block indices in [0, {self.n_layer}) (n_layer={self.n_layer}), "
+                    f"got {self.mot_layers!r}."
+                )
+        if isinstance(self.router_temperature, bool) or not self.router_temperature >= 0:
+            raise ValueError(
+                f"`router_temperature` must be a number >= 0 (0 = discrete routing), got {self.router_temperature!r}."
+            )
+        if self.learnable_temperature not in LEARNABLE_TEMPERATURE_MODES:
+            raise ValueError(
+                f"`learnable_temperature` must be one of {LEARNABLE_TEMPERATURE_MODES}, "
+                f"got {self.learnable_temperature!r}."
+            )
+        if self.learnable_temperature != "none" and self.router_temperature == 0:
+            raise ValueError(
+                f"`learnable_temperature={self.learnable_temperature!r}` needs a starting `router_temperature` > 0, "
+                "got 0; a learned temperature lives in log space and cannot start at 0."
+            )
+        if self.expert_activation not in ACT2CLS:
+            raise ValueError(
+                f"`expert_activation` must be an activation name from transformers.activations "
+                f"(one of {sorted(ACT2CLS)}), got {self.expert_activation!r}."
+            )
+        if not self.mot_init_scale > 0:
+            raise ValueError(f"`mot_init_scale` must be > 0, got {self.mot_init_scale!r}.")
+        if self.add_cross_attention:
+            raise ValueError("`add_cross_attention=True` is not supported by MoTGPT; it is a decoder-only model.")
+
+    @property
+    def d_ff(self) -> int:
+        """Width of the dense MLP that a MoT layer replaces: `n_inner`, or `4 * n_embd` when it is unset."""
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def expert_size_resolved(self) -> int:
+        """The expert width f actually used: `expert_size`, or the FLOP-matched `group_size * d_ff / n_experts`."""
+        if self.expert_size is not None:
+            return self.expert_size
+        return self.group_size * self.d_ff // self.n_experts
+
+    @property
+    def mot_layer_indices(self) -> list[int]:
+        """Sorted indices of the blocks that use a MoT layer."""
+        if self.mot_layers == "all":
+            return list(range(self.n_layer))
+        if self.mot_layers == "second_half":
+            return list(range(self.n_layer // 2, self.n_layer))
+        return sorted(self.mot_layers)
+
+
+__all__ = ["MoTGPTConfig"]

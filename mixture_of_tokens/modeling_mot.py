@@ -1,0 +1,396 @@
+"""PyTorch MoTGPT: GPT-2 whose feed-forward layers are Mixture of Tokens (MoT) layers.
+
+Mixture of Tokens (Antoniak et al., 2023) is a continuous Mixture of Experts. Batch rows are cut into consecutive
+groups of `group_size` rows; at each position the tokens of a group are mixed, one softmax-weighted mixture per
+expert, each expert processes its mixture, and its output goes back to the tokens with the same weights. Mixing only
+ever happens across rows at the same position, so the model stays causal.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2MLP
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_mot import MoTGPTConfig
+
+
+def check_router_temperature(router_temperature: float | None) -> None:
+    """Refuse a per-call temperature that is not a number >= 0 (`None` means "use the model's own")."""
+    if router_temperature is not None and (isinstance(router_temperature, bool) or not router_temperature >= 0):
+        raise ValueError(
+            f"`router_temperature` must be None (use the config's) or a number >= 0 (0 = discrete routing), "
+            f"got {router_temperature!r}."
+        )
+
+
+def mixing_weights(
+    router_logits: torch.Tensor, token_mask: torch.Tensor, temperature: float | torch.Tensor
+) -> torch.Tensor:
+    """Per-expert softmax of the controller logits over the tokens of each group.
+
+    Args:
+        router_logits: `(n_groups, group_size, seq_len, n_experts)` controller logits.
+        token_mask: `(n_groups, group_size, seq_len, 1)` bool, False for padding and for empty group slots.
+        temperature: a float >= 0, or a tensor of shape `(1,)` or `(n_experts,)` > 0.
+
+    Returns:
+        `(n_groups, group_size, seq_len, n_experts)` weights in `router_logits.dtype`. For each expert they sum to 1
+        over the real tokens of a group; masked tokens get 0, and a group with no real token gets 0 everywhere.
+    """
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        # Discrete routing: each expert takes the single best real token of its group (first one on ties).
+        winners = router_logits.masked_fill(~token_mask, float("-inf")).argmax(dim=1, keepdim=True)
+        weights = torch.zeros_like(router_logits).scatter_(1, winners, 1.0)
+        return weights * token_mask
+    logits = router_logits.float().masked_fill(~token_mask, torch.finfo(torch.float32).min)
+    # Subtracting the group maximum before dividing keeps every scaled logit <= 0, so a tiny T cannot overflow to
+    # +inf: the weights then approach the one-hot routing of T = 0 instead of turning into NaN.
+    logits = logits - logits.amax(dim=1, keepdim=True).detach()
+    weights = torch.softmax(logits / temperature, dim=1)
+    # A group whose tokens are all masked has uniform weights here; the mask zeroes them.
+    return (weights * token_mask).to(router_logits.dtype)
+
+
+class MoTLayer(nn.Module):
+    """Mixture of Tokens feed-forward layer, a drop-in replacement for the GPT-2 MLP.
+
+    Parameters: `controller` `(n_embd, n_experts)`, `w_in` `(n_experts, n_embd, f)`, `w_out` `(n_experts, f, n_embd)`;
+    with `expert_bias`, `b_in` `(n_experts, f)` and `b_out` `(n_experts, n_embd)`; with a learnable temperature,
+    `log_temperature` `(1,)` (per layer) or `(n_experts,)` (per expert).
+    """
+
+    def __init__(self, config: MoTGPTConfig):
+        super().__init__()
+        d, n_experts, f = config.n_embd, config.n_experts, config.expert_size_resolved
+        self.group_size = config.group_size
+        self.temperature = float(config.router_temperature)
+        self.controller = nn.Parameter(torch.empty(d, n_experts))
+        self.w_in = nn.Parameter(torch.empty(n_experts, d, f))
+        self.w_out = nn.Parameter(torch.empty(n_experts, f, d))
+        if config.expert_bias:
+            self.b_in = nn.Parameter(torch.zeros(n_experts, f))
+            self.b_out = nn.Parameter(torch.zeros(n_experts, d))
+        else:
+            self.b_in = self.b_out = None
+        if config.learnable_temperature != "none":
+            n_temperatures = 1 if config.learnable_temperature == "layer" else n_experts
+            self.log_temperature = nn.Parameter(torch.full((n_temperatures,), math.log(self.temperature)))
+        else:
+            self.log_temperature = None
+        self.act = ACT2FN[config.expert_activation]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        router_temperature: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            hidden_states: `(batch_size, seq_len, n_embd)`.
+            attention_mask: `(batch_size, seq_len)`, 1 for real tokens and 0 for padding; `None` means all real.
+            router_temperature: overrides the layer's temperature (fixed or learned) for this call; 0 = discrete.
+
+        Returns:
+            The update to add to the residual stream, `(batch_size, seq_len, n_embd)`, and the controller logits,
+            `(batch_size, seq_len, n_experts)`.
+        """
+        check_router_temperature(router_temperature)
+        batch_size, seq_len, d = hidden_states.shape
+        if attention_mask is not None and attention_mask.shape != (batch_size, seq_len):
+            raise ValueError(
+                f"`attention_mask` of a MoT layer must have shape (batch_size, seq_len) = {(batch_size, seq_len)}, "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        n_groups = -(-batch_size // self.group_size)
+        n_slots = n_groups * self.group_size
+        token_mask = (
+            torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
+            if attention_mask is None
+            else attention_mask.bool()
+        )
+        x = hidden_states
+        if n_slots != batch_size:
+            # The empty slots of the last group are masked, so they take no softmax mass.
+            x = nn.functional.pad(x, (0, 0, 0, 0, 0, n_slots - batch_size))
+            token_mask = nn.functional.pad(token_mask, (0, 0, 0, n_slots - batch_size), value=False)
+        x = x.view(n_groups, self.group_size, seq_len, d)
+        token_mask = token_mask.view(n_groups, self.group_size, seq_len, 1)
+
+        router_logits = torch.einsum("ngsd,de->ngse", x, self.controller)
+        weights = mixing_weights(router_logits, token_mask, self._temperature(router_temperature))
+
+        mixed = torch.einsum("ngse,ngsd->ensd", weights, x).reshape(-1, n_groups * seq_len, d)
+        hidden = torch.bmm(mixed, self.w_in)
+        if self.b_in is not None:
+            hidden = hidden + self.b_in[:, None, :]
+        expert_out = torch.bmm(self.act(hidden), self.w_out)
+        if self.b_out is not None:
+            expert_out = expert_out + self.b_out[:, None, :]
+        expert_out = expert_out.view(-1, n_groups, seq_len, d)
+        update = torch.einsum("ngse,ensd->ngsd", weights, expert_out)
+
+        update = update.reshape(n_slots, seq_len, d)[:batch_size]
+        router_logits = router_logits.reshape(n_slots, seq_len, -1)[:batch_size]
+        return self.dropout(update), router_logits
+
+    def _temperature(self, router_temperature: float | None) -> float | torch.Tensor:
+        if router_temperature is not None:
+            return float(router_temperature)
+        if self.log_temperature is not None:
+            return self.log_temperature.exp()
+        return self.temperature
+
+
+class MoTGPTBlock(GradientCheckpointingLayer):
+    """A GPT-2 block whose MLP is a [`MoTLayer`] when `layer_idx` is in `config.mot_layer_indices`."""
+
+    def __init__(self, config: MoTGPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config=config, layer_idx=layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.is_mot = layer_idx in config.mot_layer_indices
+        self.mlp = MoTLayer(config) if self.is_mot else GPT2MLP(config.d_ff, config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        router_temperature: float | None = None,
+        use_cache: bool | None = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        """
+        `hidden_states` `(batch_size, seq_len, n_embd)`; `attention_mask` is the attention mask built by the model
+        (4-D or None); `token_mask` `(batch_size, seq_len)` marks the real tokens for the MoT layer (None: all real).
+        """
+        attn_output, _ = self.attn(
+            self.ln_1(hidden_states),
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_output
+        if self.is_mot:
+            ff_output, _ = self.mlp(self.ln_2(hidden_states), token_mask, router_temperature)
+        else:
+            ff_output = self.mlp(self.ln_2(hidden_states))
+        return hidden_states + ff_output
+
+
+class MoTGPTPreTrainedModel(PreTrainedModel):
+    config: MoTGPTConfig
+    config_class = MoTGPTConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoTGPTBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": MoTGPTBlock,
+        "attentions": OutputRecorder(GPT2Attention, layer_name=".attn", index=1),
+        "router_logits": OutputRecorder(MoTLayer, index=1),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, Conv1D):
+            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        if isinstance(module, (GPT2Attention, GPT2MLP)):
+            # GPT-2's scaled init of the projections that write to the residual stream (two per block).
+            init.normal_(module.c_proj.weight, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+        if isinstance(module, MoTLayer):
+            # The paper's init: truncated normal, std = sqrt(scale / fan_in), cut at two standard deviations.
+            for weight, fan_in in (
+                (module.controller, config.n_embd),
+                (module.w_in, config.n_embd),
+                (module.w_out, config.expert_size_resolved),
+            ):
+                std = math.sqrt(config.mot_init_scale / fan_in)
+                init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            if module.b_in is not None:
+                init.zeros_(module.b_in)
+                init.zeros_(module.b_out)
+            if module.log_temperature is not None:
+                init.constant_(module.log_temperature, math.log(config.router_temperature))
+
+
+class MoTGPTModel(MoTGPTPreTrainedModel):
+    def __init__(self, config: MoTGPTConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([MoTGPTBlock(config, layer_idx=i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        router_temperature: float | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        r"""
+        Args:
+            input_ids: `(batch_size, seq_len)` token ids; with a cache, only the tokens not yet in it.
+            past_key_values: a [`~transformers.Cache`] of earlier keys and values.
+            attention_mask: `(batch_size, past_len + seq_len)`, 1 for real tokens and 0 for padding. Besides masking
+                attention, it keeps padding out of the MoT groups' mixtures. `None` means every token is real.
+            position_ids: `(batch_size, seq_len)`; by default counted on from the cache length.
+            inputs_embeds: `(batch_size, seq_len, n_embd)`, instead of `input_ids`.
+            use_cache: whether to return the updated `past_key_values`.
+            router_temperature: MoT mixing temperature for this call (>= 0; 0 = discrete routing), overriding the
+                config and any learned temperature.
+        """
+        kwargs.pop("output_attentions", None)
+        kwargs.pop("output_hidden_states", None)
+        kwargs.pop("output_router_logits", None)
+        check_router_temperature(router_temperature)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(
+                "MoTGPT needs the 2-D padding mask `attention_mask` of shape (batch_size, past_len + seq_len) to "
+                f"keep padding out of the MoT mixtures, got a {attention_mask.ndim}-D tensor."
+            )
+        token_mask = None if attention_mask is None else attention_mask[:, -seq_len:]
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0) + past_seen_tokens
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+        for block in self.h:
+            hidden_states = block(
+                hidden_states,
+                past_key_values,
+                causal_mask,
+                token_mask,
+                router_temperature,
+                use_cache=use_cache,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(
+            last_hidden_state=self.ln_f(hidden_states),
+            past_key_values=past_key_values if use_cache else None,
+        )
+
+
+class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: MoTGPTConfig):
+        super().__init__(config)
+        self.transformer = MoTGPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        router_temperature: float | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        r"""
+        Args are those of [`MoTGPTModel.forward`], plus:
+            labels: `(batch_size, seq_len)` targets for the language-modeling loss; they are shifted inside, so
+                `labels = input_ids` works; -100 is ignored.
+            output_router_logits: return each MoT layer's controller logits `(batch_size, seq_len, n_experts)`.
+            logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 = all), or for the
+                positions in a 1-D index tensor.
+
+        Returns:
+            [`~transformers.modeling_outputs.MoeCausalLMOutputWithPast`] with `logits` `(batch_size, kept, vocab)`.
+            MoT needs no load-balancing loss, so `aux_loss` is None.
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs: MoeModelOutputWithPast = self.transformer(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            router_temperature=router_temperature,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+__all__ = ["MoTLayer", "MoTGPTPreTrainedModel", "MoTGPTModel", "MoTGPTForCausalLM", "mixing_weights"]

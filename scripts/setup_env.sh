@@ -1,0 +1,12 @@
+# Sourced by the project's entry scripts: creates .venv with the CPU build of torch and the project installed.
+# torch is installed first and pinned, so that the `torch>=2.4` requirement does not pull a multi-GB CUDA build.
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+PYTHON="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]]; then
+  "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install --quiet "torch==2.13.0"
+fi
+.venv/bin/pip install --quiet -c constraints.txt -e ".[dev]"
