@@ -56,11 +56,16 @@ def mixing_weights(
         winners = router_logits.masked_fill(~token_mask, float("-inf")).argmax(dim=1, keepdim=True)
         weights = torch.zeros_like(router_logits).scatter_(1, winners, 1.0)
         return weights * token_mask
-    logits = router_logits.float().masked_fill(~token_mask, torch.finfo(torch.float32).min)
-    # Subtracting the group maximum before dividing keeps every scaled logit <= 0, so a tiny T cannot overflow to
-    # +inf: the weights then approach the one-hot routing of T = 0 instead of turning into NaN.
-    logits = logits - logits.amax(dim=1, keepdim=True).detach()
-    weights = torch.softmax(logits / temperature, dim=1)
+    # Softmax in at least float32, so bf16/fp16 logits keep their precision.
+    dtype = torch.promote_types(router_logits.dtype, torch.float32)
+    logits = router_logits.to(dtype)
+    # Shifting by the group's largest real logit before dividing keeps every scaled logit <= 0, so a tiny T cannot
+    # overflow to +inf: the weights then approach the one-hot routing of T = 0 instead of turning into NaN.
+    real_max = logits.masked_fill(~token_mask, float("-inf")).amax(dim=1, keepdim=True)
+    shift = torch.where(token_mask.any(dim=1, keepdim=True), real_max, 0.0).detach()
+    # Masked tokens get the lowest finite logit rather than -inf, so a group with no real token stays finite.
+    scaled = ((logits - shift) / temperature).masked_fill(~token_mask, torch.finfo(dtype).min)
+    weights = torch.softmax(scaled, dim=1)
     # A group whose tokens are all masked has uniform weights here; the mask zeroes them.
     return (weights * token_mask).to(router_logits.dtype)
 

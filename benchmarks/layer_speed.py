@@ -1,0 +1,168 @@
+"""Forward + backward time of a MoT layer against the FLOP-matched dense GPT-2 MLP (fp32, CPU or CUDA).
+
+A benchmark, not a test. Both layers are built from the same `MoTGPTConfig` (dropout 0); `expert_size=None` gives
+the MoT layer the same expert FLOPs per token as the dense MLP (`group_size * 4d / n_experts` wide experts), and the
+dense MLP uses the experts' activation so that only the layer structure differs. Candidates are interleaved within
+each repeat (alternating their order) and the median over repeats after warm-up is reported.
+
+Usage, from the repository root:
+    .venv/bin/python benchmarks/layer_speed.py [--repeats 10] [--tokens 8192] [--out benchmarks/results/...json]
+    .venv/bin/python benchmarks/layer_speed.py --quick   # a tiny smoke run of a few seconds
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP  # noqa: E402
+
+from mixture_of_tokens import MoTGPTConfig, MoTLayer  # noqa: E402
+
+GROUP_SIZE = 32
+SETTINGS = [(256, 32), (256, 256), (512, 32), (512, 256)]  # (n_embd, n_experts)
+QUICK_SETTINGS = [(64, 8), (64, 32)]
+
+
+def build_layers(d: int, n_experts: int) -> dict[str, nn.Module]:
+    config = MoTGPTConfig(n_embd=d, n_head=8, n_layer=1, n_experts=n_experts, group_size=GROUP_SIZE, resid_pdrop=0.0)
+    config.activation_function = config.expert_activation
+    layers = {"mot": MoTLayer(config), "dense": GPT2MLP(config.d_ff, config)}
+    with torch.no_grad():
+        for layer in layers.values():
+            for param in layer.parameters():
+                nn.init.normal_(param, std=0.02)
+    return layers
+
+
+def make_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    """One training step of the layer alone: forward, then backward into its parameters and its input."""
+
+    def step() -> None:
+        for tensor in (x, *layer.parameters()):
+            tensor.grad = None
+        out = layer(x)
+        (out[0] if isinstance(out, tuple) else out).backward(grad)
+
+    return step
+
+
+def time_setting(d: int, n_experts: int, batch: int, seq_len: int, repeats: int, warmup: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(batch, seq_len, d, device=device, requires_grad=True)
+    grad = torch.randn(batch, seq_len, d, device=device)
+    layers = build_layers(d, n_experts)
+    steps = {name: make_step(layer.to(device), x, grad) for name, layer in layers.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        order = list(steps) if i % 2 == 0 else list(reversed(steps))
+        for name in order:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            steps[name]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(1000 * (time.perf_counter() - start))
+    mot, dense = statistics.median(times["mot"]), statistics.median(times["dense"])
+    return {
+        "n_embd": d,
+        "n_experts": n_experts,
+        "expert_size": layers["mot"].w_in.shape[-1],
+        "mot_ms": round(mot, 3),
+        "dense_ms": round(dense, 3),
+        "ratio": round(mot / dense, 4),
+    }
+
+
+def machine_info() -> dict[str, object]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no chart written.")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"d={r['n_embd']}\nE={r['n_experts']}" for r in results]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(results), 3.5))
+    bars = ax.bar(labels, [r["ratio"] for r in results], color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f")
+    ax.axhline(1.0, color="gray", linewidth=1)
+    ax.set_ylabel("time MoT / dense (fwd + bwd)")
+    ax.set_title(f"MoT layer vs FLOP-matched dense MLP, group_size={GROUP_SIZE}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per candidate (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate first")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch = tokens // seq_len)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/layer_speed[_quick].json")
+    parser.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = SETTINGS
+    if args.quick:
+        settings, args.repeats, args.warmup, args.tokens, args.seq_len = QUICK_SETTINGS, 3, 1, 512, 8
+    batch = max(1, args.tokens // args.seq_len)
+    out = args.out or Path(f"benchmarks/results/layer_speed{'_quick' if args.quick else ''}.json")
+
+    results = []
+    for d, n_experts in settings:
+        result = time_setting(d, n_experts, batch, args.seq_len, args.repeats, args.warmup)
+        results.append(result)
+        print(
+            f"d={d:4d} E={n_experts:4d}  mot {result['mot_ms']:9.2f} ms  dense {result['dense_ms']:9.2f} ms  "
+            f"ratio {result['ratio']:.3f}",
+            flush=True,
+        )
+    report = {
+        "benchmark": "MoTLayer vs GPT2MLP, forward + backward, fp32",
+        "batch_size": batch,
+        "seq_len": args.seq_len,
+        "group_size": GROUP_SIZE,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "machine": machine_info(),
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and its .png chart")
+
+
+if __name__ == "__main__":
+    main()
