@@ -12,6 +12,7 @@ Usage, from the repository root:
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -98,6 +99,7 @@ def machine_info() -> dict[str, object]:
         "cpu": cpu,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
+        "load_average_1m": round(os.getloadavg()[0], 2),  # other processes on the machine make timings noisy
     }
 
 

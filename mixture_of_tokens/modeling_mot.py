@@ -124,12 +124,13 @@ class MoTLayer(nn.Module):
             )
         n_groups = -(-batch_size // self.group_size)
         n_slots = n_groups * self.group_size
-        token_mask = (
-            torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
-            if attention_mask is None
-            else attention_mask.bool()
-        )
         x = hidden_states
+        if attention_mask is None:
+            token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=x.device)
+        else:
+            token_mask = attention_mask.bool()
+            # Zero weight times a non-finite padding state would still be NaN: clear masked tokens first.
+            x = x.masked_fill(~token_mask[..., None], 0.0)
         if n_slots != batch_size:
             # The empty slots of the last group are masked, so they take no softmax mass.
             x = nn.functional.pad(x, (0, 0, 0, 0, 0, n_slots - batch_size))

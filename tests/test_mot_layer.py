@@ -255,3 +255,12 @@ def test_bf16_autocast_gives_finite_output_and_gradients():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(layer.controller.grad).all()
+
+
+def test_non_finite_padding_states_do_not_reach_real_tokens():
+    layer = make_layer()
+    x = torch.randn(B, S, D, dtype=torch.float64)
+    mask = random_mask()
+    poisoned = x.masked_fill(~mask.bool()[..., None], float("nan"))
+    real = mask.bool()
+    torch.testing.assert_close(run(layer, poisoned, mask)[real], run(layer, x, mask)[real], rtol=0, atol=0)

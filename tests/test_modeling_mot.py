@@ -1,0 +1,260 @@
+"""The whole MoTGPT model: invariants, outputs, Transformers features, training."""
+
+import pytest
+import torch
+from conftest import VOCAB_SIZE, random_ids, tiny_config
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from mixture_of_tokens import MoTGPTForCausalLM, MoTGPTModel, MoTLayer
+
+B, S = 7, 9  # groups of 3: two full groups and a remainder of one row
+
+
+def make_model(**overrides) -> MoTGPTForCausalLM:
+    return MoTGPTForCausalLM(tiny_config(**overrides)).eval()
+
+
+def left_padded_mask(lengths: list[int], seq_len: int) -> torch.Tensor:
+    mask = torch.zeros(len(lengths), seq_len, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, seq_len - length :] = 1
+    return mask
+
+
+LENGTHS = [9, 6, 9, 3, 8, 9, 5]
+
+
+@torch.no_grad()
+def logits(model, ids, mask=None, **kwargs) -> torch.Tensor:
+    return model(ids, attention_mask=mask, **kwargs).logits
+
+
+def test_blocks_use_mot_as_configured():
+    assert [block.is_mot for block in make_model(n_layer=4, mot_layers="second_half").transformer.h] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    model = make_model(n_layer=3, mot_layers=[1])
+    assert [isinstance(block.mlp, MoTLayer) for block in model.transformer.h] == [False, True, False]
+
+
+def test_dense_twin_equals_gpt2_with_the_same_weights():
+    config = tiny_config(mot_layers=[])
+    mot = MoTGPTForCausalLM(config).eval()
+    gpt2 = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in config.to_dict().items() if k in GPT2Config().to_dict()}))
+    gpt2.load_state_dict(mot.state_dict())
+    ids = random_ids(B, S)
+    torch.testing.assert_close(logits(mot, ids), logits(gpt2.eval(), ids), rtol=0, atol=0)
+
+
+def test_forward_returns_moe_output_with_loss_and_router_logits():
+    model = make_model(n_layer=3, mot_layers=[0, 2])
+    ids = random_ids(B, S)
+    out = model(ids, labels=ids, output_router_logits=True, output_hidden_states=True)
+    assert isinstance(out, MoeCausalLMOutputWithPast)
+    assert out.logits.shape == (B, S, VOCAB_SIZE)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert out.aux_loss is None
+    assert len(out.router_logits) == 2 and all(r.shape == (B, S, 4) for r in out.router_logits)
+    assert len(out.hidden_states) == 4
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB_SIZE), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, manual)
+    assert model(ids).router_logits is None
+
+
+def test_router_logits_are_the_controller_logits():
+    model = make_model()
+    ids = random_ids(B, S)
+    captured = {}
+    model.transformer.h[1].ln_2.register_forward_hook(lambda module, args, out: captured.update(x=out))
+    router_logits = model(ids, output_router_logits=True).router_logits
+    torch.testing.assert_close(router_logits[1], captured["x"] @ model.transformer.h[1].mlp.controller)
+
+
+def test_config_flag_turns_on_router_logits():
+    model = make_model(output_router_logits=True)
+    assert len(model(random_ids(B, S)).router_logits) == 2
+
+
+def test_return_dict_false_gives_a_tuple():
+    ids = random_ids(B, S)
+    out = make_model()(ids, labels=ids, return_dict=False)
+    assert isinstance(out, tuple) and out[0].ndim == 0 and out[1].shape == (B, S, VOCAB_SIZE)
+
+
+def test_logits_to_keep_slices_the_last_positions():
+    model = make_model()
+    ids = random_ids(B, S)
+    full = logits(model, ids)
+    torch.testing.assert_close(logits(model, ids, logits_to_keep=2), full[:, -2:])
+    torch.testing.assert_close(logits(model, ids, logits_to_keep=torch.tensor([0, 4])), full[:, [0, 4]])
+
+
+def test_embeddings_are_tied():
+    model = make_model()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_eager_attention_returns_attentions():
+    model = make_model(attn_implementation="eager")
+    out = model(random_ids(B, S), output_attentions=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (B, 2, S, S)
+
+
+def test_changing_a_later_token_leaves_earlier_logits_unchanged_in_every_row():
+    model = make_model()
+    ids = random_ids(B, S)
+    changed = ids.clone()
+    changed[:, 5:] = random_ids(B, S - 5, seed=1)
+    changed[4, 4] = (ids[4, 4] + 1) % VOCAB_SIZE  # one row changed from position 4 on
+    torch.testing.assert_close(logits(model, ids)[:, :4], logits(model, changed)[:, :4], rtol=0, atol=0)
+
+
+def test_rows_in_other_groups_do_not_affect_a_group():
+    model = make_model()
+    ids = random_ids(B, S)
+    changed = ids.clone()
+    changed[3:] = random_ids(B - 3, S, seed=2)
+    torch.testing.assert_close(logits(model, ids)[:3], logits(model, changed)[:3], rtol=1e-6, atol=1e-6)
+    changed_in_group = ids.clone()
+    changed_in_group[1] = random_ids(1, S, seed=3)
+    assert not torch.allclose(logits(model, ids)[0], logits(model, changed_in_group)[0])
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_padding_content_does_not_change_real_tokens(attn_implementation):
+    model = make_model(attn_implementation=attn_implementation)
+    mask = left_padded_mask(LENGTHS, S)
+    ids = random_ids(B, S)
+    changed = torch.where(mask.bool(), ids, random_ids(B, S, seed=4))
+    real = mask.bool()
+    out, out_changed = logits(model, ids, mask), logits(model, changed, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[real], out_changed[real], rtol=1e-6, atol=1e-6)
+
+
+def test_full_groups_are_unchanged_by_rows_that_follow():
+    model = make_model()
+    ids = random_ids(B, S)
+    full = logits(model, ids)
+    torch.testing.assert_close(logits(model, ids[:6]), full[:6], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(model, ids[:3]), full[:3], rtol=1e-5, atol=1e-5)
+
+
+def test_permuting_rows_inside_a_group_permutes_their_logits():
+    model = make_model()
+    ids, mask = random_ids(B, S), left_padded_mask(LENGTHS, S)
+    perm = torch.tensor([0, 1, 2, 5, 3, 4, 6])  # rotate group 1
+    torch.testing.assert_close(logits(model, ids[perm], mask[perm]), logits(model, ids, mask)[perm], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_incremental_decoding_with_cache_equals_full_forward(attn_implementation):
+    model = make_model(attn_implementation=attn_implementation)
+    ids, mask = random_ids(B, S), left_padded_mask(LENGTHS, S)
+    full = logits(model, ids, mask)
+    prompt_len = 6
+    with torch.no_grad():
+        out = model(ids[:, :prompt_len], attention_mask=mask[:, :prompt_len], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        assert isinstance(cache, DynamicCache)
+        for position in range(prompt_len, S):
+            out = model(
+                ids[:, position : position + 1],
+                attention_mask=mask[:, : position + 1],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            steps.append(out.logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], rtol=1e-5, atol=1e-5)
+
+
+def test_per_call_router_temperature_overrides_config():
+    model = make_model(router_temperature=1.0)
+    cold = make_model(router_temperature=0.2)
+    cold.load_state_dict(model.state_dict())
+    ids = random_ids(B, S)
+    torch.testing.assert_close(logits(model, ids, router_temperature=0.2), logits(cold, ids), rtol=0, atol=0)
+    assert not torch.allclose(logits(model, ids), logits(cold, ids))
+    assert torch.isfinite(logits(model, ids, router_temperature=0.0)).all()
+    with pytest.raises(ValueError, match="router_temperature"):
+        model(ids, router_temperature=-0.1)
+
+
+def test_four_dimensional_mask_is_refused():
+    with pytest.raises(ValueError, match="2-D padding mask"):
+        make_model()(random_ids(B, S), attention_mask=torch.ones(B, 1, S, S))
+
+
+def test_eager_and_sdpa_agree():
+    eager = make_model(attn_implementation="eager")
+    sdpa = make_model(attn_implementation="sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    ids, mask = random_ids(B, S), left_padded_mask(LENGTHS, S)
+    real = mask.bool()
+    torch.testing.assert_close(logits(eager, ids, mask)[real], logits(sdpa, ids, mask)[real], rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = make_model(learnable_temperature="expert").train()
+    ids = random_ids(B, S)
+
+    def gradients():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain = gradients()
+    model.activation_checkpointing_enable()
+    assert model.transformer.h[0].gradient_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_few_optimizer_steps_lower_the_loss():
+    model = make_model(learnable_temperature="layer").train()
+    ids = random_ids(6, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_bf16_autocast_training_step_has_no_nan():
+    model = make_model().train()
+    ids, mask = random_ids(B, S), left_padded_mask(LENGTHS, S)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_save_and_load_give_identical_logits(tmp_path):
+    model = make_model(expert_bias=True, learnable_temperature="expert", mot_layers=[1])
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "configuration_mot.py",
+        "modeling_mot.py",
+    }
+    ids = random_ids(B, S)
+    for loader in (MoTGPTForCausalLM, AutoModelForCausalLM):
+        reloaded = loader.from_pretrained(tmp_path).eval()
+        assert isinstance(reloaded, MoTGPTForCausalLM)
+        torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, MoTGPTModel)
