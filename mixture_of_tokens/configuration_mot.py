@@ -108,10 +108,13 @@ class MoTGPTConfig(GPT2Config):
         if isinstance(self.mot_layers, str):
             if self.mot_layers not in MOT_LAYER_PRESETS:
                 raise ValueError(
-                    f"`mot_layers` must be one of {MOT_LAYER_PRESETS} or a list of block indices, got {self.mot_layers!r}."
+                    f"`mot_layers` must be one of {MOT_LAYER_PRESETS} or a list of block indices, "
+                    f"got {self.mot_layers!r}."
                 )
         else:
-            bad = [i for i in self.mot_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer]
+            bad = [
+                i for i in self.mot_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer
+            ]
             if bad or len(set(self.mot_layers)) != len(self.mot_layers):
                 raise ValueError(
                     f"`mot_layers` must list distinct block indices in [0, {self.n_layer}) (n_layer={self.n_layer}), "

@@ -47,7 +47,13 @@ def test_expert_size_defaults_to_flop_matched_width():
 
 @pytest.mark.parametrize(
     ("mot_layers", "n_layer", "expected"),
-    [("all", 4, [0, 1, 2, 3]), ("second_half", 4, [2, 3]), ("second_half", 5, [2, 3, 4]), ([3, 1], 4, [1, 3]), ([], 4, [])],
+    [
+        ("all", 4, [0, 1, 2, 3]),
+        ("second_half", 4, [2, 3]),
+        ("second_half", 5, [2, 3, 4]),
+        ([3, 1], 4, [1, 3]),
+        ([], 4, []),
+    ],
 )
 def test_mot_layer_indices(mot_layers, n_layer, expected):
     assert tiny_config(mot_layers=mot_layers, n_layer=n_layer).mot_layer_indices == expected

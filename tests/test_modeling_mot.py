@@ -148,7 +148,9 @@ def test_permuting_rows_inside_a_group_permutes_their_logits():
     model = make_model()
     ids, mask = random_ids(B, S), left_padded_mask(LENGTHS, S)
     perm = torch.tensor([0, 1, 2, 5, 3, 4, 6])  # rotate group 1
-    torch.testing.assert_close(logits(model, ids[perm], mask[perm]), logits(model, ids, mask)[perm], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits(model, ids[perm], mask[perm]), logits(model, ids, mask)[perm], rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
