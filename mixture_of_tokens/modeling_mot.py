@@ -13,7 +13,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -397,5 +397,122 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
         )
 
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        eos_stops_mixing: tuple[int, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> dict:
+        """As in [`~GenerationMixin`], and rows that have emitted EOS leave their groups' mixtures.
 
-__all__ = ["MoTLayer", "MoTGPTPreTrainedModel", "MoTGPTModel", "MoTGPTForCausalLM", "mixing_weights"]
+        `eos_stops_mixing` is `(prompt_length, eos_token_ids)`, set by [`generate`]: a row whose generated part
+        (`input_ids[:, prompt_length:]`) holds one of those ids is masked from that token on. The mask only changes
+        what such a finished row shares with its group (and what it attends to itself); its outputs are discarded by
+        `generate` anyway. It is a function of `input_ids`, so cached decoding and full recomputation agree.
+        """
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
+        )
+        if eos_stops_mixing is not None:
+            prompt_length, eos_token_ids = eos_stops_mixing
+            generated = input_ids[:, prompt_length:]
+            finished = torch.isin(generated, eos_token_ids.to(generated.device)).cumsum(dim=-1) > 0
+            if finished.any():
+                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
+                mask[:, prompt_length:] *= ~finished
+                model_inputs["attention_mask"] = mask
+        return model_inputs
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        group_fillers: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        r"""[`~GenerationMixin.generate`], with what MoT needs on top.
+
+        - Decoding groups the current tokens in the same row blocks as the prompt pass, so cached generation equals
+          full recomputation. A row that has emitted an EOS token (of this call's generation config) stops taking
+          part in the mixing of the rows still running.
+        - `router_temperature` (float >= 0) sets the MoT temperature for this call only; 0 is discrete routing. The
+          default is the model config's `router_temperature` (or the learned one).
+        - `group_fillers` (`LongTensor` of shape `(n_fillers, filler_len)`): reference token ids, such as rows of
+          training text, that fill each prompt's group so that a small batch is mixed as in training (the paper's
+          evaluation recipe). Each prompt gets a group of its own with the first `group_size - 1` filler rows; the
+          fillers are fed their own text (teacher-forced, never sampled) and only the prompts' rows are returned.
+          Needs `n_fillers >= group_size - 1` and `filler_len >= prompt_len + max_new_tokens`; not available with
+          beam search, `num_return_sequences > 1` or `return_dict_in_generate`.
+        """
+        check_router_temperature(kwargs.get("router_temperature"))
+        prompt_key = "inputs" if inputs is not None else "input_ids"
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        config = generation_config if generation_config is not None else self.generation_config
+        if group_fillers is not None:
+            prompt, kwargs["attention_mask"], forcing = self._add_group_fillers(prompt, group_fillers, config, kwargs)
+            logits_processor = LogitsProcessorList([*(logits_processor or []), forcing])
+        eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
+        if prompt is not None and eos_token_id is not None:
+            kwargs["eos_stops_mixing"] = (prompt.shape[1], torch.as_tensor(eos_token_id).flatten())
+        if prompt_key == "inputs":
+            inputs = prompt
+        else:
+            kwargs["input_ids"] = prompt
+        output = super().generate(inputs, generation_config, logits_processor, **kwargs)
+        return output if group_fillers is None else output[:: self.config.group_size]
+
+    def _add_group_fillers(
+        self, prompt: torch.LongTensor | None, fillers: torch.LongTensor, config: GenerationConfig, kwargs: dict
+    ) -> tuple[torch.LongTensor, torch.Tensor, "FillerForcing"]:
+        """Interleave each prompt with `group_size - 1` filler rows; return ids, mask and the forcing processor."""
+        if prompt is None or prompt.ndim != 2:
+            raise ValueError("`group_fillers` needs the prompts as a 2-D `input_ids` tensor.")
+        for name in ("num_beams", "num_return_sequences"):
+            if kwargs.get(name, getattr(config, name)) not in (None, 1):
+                raise ValueError(f"`group_fillers` does not work with `{name}` > 1, got {kwargs.get(name)!r}.")
+        if kwargs.get("return_dict_in_generate", config.return_dict_in_generate):
+            raise ValueError("`group_fillers` does not work with `return_dict_in_generate=True`.")
+        batch_size, prompt_len = prompt.shape
+        n_fill = self.config.group_size - 1
+        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if max_new_tokens is None:
+            max_new_tokens = kwargs.get("max_length", config.max_length) - prompt_len
+        if fillers.ndim != 2 or fillers.shape[0] < n_fill or fillers.shape[1] < prompt_len + max_new_tokens:
+            raise ValueError(
+                f"`group_fillers` must have shape (n_fillers >= group_size - 1 = {n_fill}, "
+                f"filler_len >= prompt_len + max_new_tokens = {prompt_len + max_new_tokens}), "
+                f"got {tuple(fillers.shape)}."
+            )
+        fillers = fillers[:n_fill].to(prompt.device)
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(prompt) if mask is None else mask
+        ids = torch.cat([prompt[:, None], fillers[None, :, :prompt_len].expand(batch_size, -1, -1)], dim=1)
+        mask = torch.cat([mask[:, None], torch.ones_like(ids[:, 1:])], dim=1)
+        forcing = FillerForcing(fillers[:, prompt_len : prompt_len + max_new_tokens], prompt_len)
+        return ids.flatten(0, 1), mask.flatten(0, 1), forcing
+
+
+class FillerForcing(LogitsProcessor):
+    """Makes the filler rows of each group (every row but the first of `group_size`) emit their reference text.
+
+    `continuation` is `(group_size - 1, max_new_tokens)`: the filler tokens that follow the prompt positions.
+    """
+
+    def __init__(self, continuation: torch.LongTensor, prompt_len: int):
+        self.continuation = continuation
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_len
+        n_fill = self.continuation.shape[0]
+        grouped = scores.view(-1, n_fill + 1, scores.shape[-1])
+        targets = self.continuation[:, step].view(1, n_fill, 1).expand(grouped.shape[0], -1, -1)
+        forced = torch.full_like(grouped[:, 1:], float("-inf")).scatter_(2, targets, 0.0)
+        return torch.cat([grouped[:, :1], forced], dim=1).view_as(scores)
+
+
+__all__ = ["FillerForcing", "MoTLayer", "MoTGPTPreTrainedModel", "MoTGPTModel", "MoTGPTForCausalLM", "mixing_weights"]

@@ -1,27 +1,14 @@
 """A saved checkpoint loads from an offline Hub cache with trust_remote_code, where the package cannot be imported."""
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
-from conftest import random_ids, tiny_config
+from conftest import lay_out_hub_cache, random_ids, run_without_package, tiny_config
 
 from mixture_of_tokens import MoTGPTForCausalLM
 
-REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-# Run in a fresh interpreter: importing mixture_of_tokens is made impossible, so only the copied code can serve.
 LOADER = r"""
-import importlib.abc, json, sys
-
-class RefuseOurPackage(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "mixture_of_tokens":
-            raise ImportError("mixture_of_tokens must not be importable here")
-
-sys.meta_path.insert(0, RefuseOurPackage())
+import json
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -42,35 +29,14 @@ print(json.dumps({
 """
 
 
-def lay_out_hub_cache(folder, cache):
-    """Place a saved folder where huggingface_hub looks for repo mot-org/tiny-mot at revision `main`."""
-    repo = cache / "models--mot-org--tiny-mot"
-    snapshot = repo / "snapshots" / REVISION
-    snapshot.mkdir(parents=True)
-    for file in folder.iterdir():
-        (snapshot / file.name).write_bytes(file.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REVISION)
-
-
 def test_offline_hub_checkpoint_loads_without_the_package(tmp_path):
     model = MoTGPTForCausalLM(tiny_config(mot_layers="second_half", learnable_temperature="layer")).eval()
     model.save_pretrained(tmp_path / "saved")
-    lay_out_hub_cache(tmp_path / "saved", tmp_path / "hub")
+    lay_out_hub_cache(tmp_path / "saved", tmp_path / "hub", "mot-org/tiny-mot")
     ids = random_ids(5, 6)
 
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
-    result = subprocess.run(
-        [sys.executable, "-c", LOADER, json.dumps(ids.tolist())],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    stdout = run_without_package(LOADER, tmp_path / "hub", json.dumps(ids.tolist()))
+    loaded = json.loads(stdout.strip().splitlines()[-1])
     assert (loaded["config"], loaded["base"], loaded["model"]) == ("MoTGPTConfig", "MoTGPTModel", "MoTGPTForCausalLM")
     assert loaded["module"].startswith("transformers_modules.")
     assert loaded["imported"] == []
