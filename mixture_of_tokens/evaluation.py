@@ -1,0 +1,72 @@
+"""Perplexity of a causal LM on packed blocks, with MoT's grouping made explicit.
+
+A MoT model's output for one row depends on the other rows of its group, so how evaluation rows are grouped is part
+of the result:
+
+- `batch`: consecutive blocks form groups, as in training (the default).
+- `single`: every block alone, a group of one (what a lone request sees).
+- `fillers`: every block in a group with `group_size - 1` filler blocks (e.g. training text) whose own predictions
+  are not counted: the paper's recipe for evaluating one sequence with training-like group statistics.
+"""
+
+from pathlib import Path
+
+import evaluate
+import torch
+from datasets import Dataset
+
+GROUPINGS = ("batch", "single", "fillers")
+METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity" / "perplexity.py"
+
+
+def load_perplexity_metric() -> evaluate.EvaluationModule:
+    """The repository's perplexity metric, loaded by path (works offline)."""
+    return evaluate.load(str(METRIC_PATH))
+
+
+def block_nll(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Summed next-token NLL of each row of `input_ids`, `(batch,)`, in float64."""
+    logits = model(input_ids, **kwargs).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return nll.sum(dim=-1)
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model,
+    blocks: Dataset,
+    batch_size: int = 32,
+    grouping: str = "batch",
+    fillers: Dataset | None = None,
+    router_temperature: float | None = None,
+) -> dict:
+    """Perplexity of `model` on `blocks` (a dataset of equal-length `input_ids`), computed by the `evaluate` metric.
+
+    `batch_size` rows go through the model at once with `grouping="batch"`; `"single"` and `"fillers"` put each block
+    in a group of its own (see the module docstring). Returns perplexity, mean NLL and the token count.
+    """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"`grouping` must be one of {GROUPINGS}, got {grouping!r}.")
+    if grouping == "fillers" and fillers is None:
+        raise ValueError("`grouping='fillers'` needs `fillers`: a dataset of blocks to fill each group with.")
+    kwargs = {} if router_temperature is None else {"router_temperature": router_temperature}
+    model.eval()
+    metric = load_perplexity_metric()
+    ids = torch.tensor(blocks["input_ids"])
+    step = batch_size if grouping == "batch" else 1
+    if grouping == "fillers":
+        n_fill = model.config.group_size - 1
+        filler_ids = torch.tensor(fillers["input_ids"][:n_fill])
+        if len(filler_ids) < n_fill or filler_ids.shape[1] != ids.shape[1]:
+            raise ValueError(
+                f"`fillers` must hold at least group_size - 1 = {n_fill} blocks of {ids.shape[1]} tokens, "
+                f"got {tuple(filler_ids.shape)}."
+            )
+    for start in range(0, len(ids), step):
+        batch = ids[start : start + step]
+        if grouping == "fillers":
+            nll = block_nll(model, torch.cat([batch, filler_ids]), **kwargs)[:1]
+        else:
+            nll = block_nll(model, batch, **kwargs)
+        metric.add_batch(nll_sums=nll.tolist(), token_counts=[batch.shape[1] - 1] * len(batch))
+    return metric.compute()
