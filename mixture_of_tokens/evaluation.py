@@ -70,3 +70,35 @@ def evaluate_perplexity(
             nll = block_nll(model, batch, **kwargs)
         metric.add_batch(nll_sums=nll.tolist(), token_counts=[batch.shape[1] - 1] * len(batch))
     return metric.compute()
+
+
+def evaluate_on_corpora(
+    model,
+    tokenizer,
+    block_size: int,
+    batch_size: int,
+    groupings: tuple[str, ...] = ("batch",),
+    max_blocks: int | None = 512,
+    router_temperature: float | None = None,
+    data_cache_dir: str | None = None,
+    extra_text: Dataset | None = None,
+) -> dict:
+    """Perplexity on the held-out State of the Union speeches (`validation`), the King James Bible (`kjv`, out of
+    domain) and optionally `extra_text`, for each grouping; fillers are the first training blocks."""
+    from .data import load_kjv, load_sotu, pack
+
+    sotu = load_sotu()
+    corpora = {"validation": sotu["validation"], "kjv": load_kjv()}
+    if extra_text is not None:
+        corpora["text"] = extra_text
+    fillers = pack(sotu["train"], tokenizer, block_size, data_cache_dir) if "fillers" in groupings else None
+    results = {"block_size": block_size, "batch_size": batch_size, "router_temperature": router_temperature}
+    for name, text in corpora.items():
+        blocks = pack(text, tokenizer, block_size, data_cache_dir)
+        if max_blocks:
+            blocks = blocks.select(range(min(max_blocks, len(blocks))))
+        results[name] = {
+            grouping: evaluate_perplexity(model, blocks, batch_size, grouping, fillers, router_temperature)
+            for grouping in groupings
+        }
+    return results

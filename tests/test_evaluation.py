@@ -57,7 +57,7 @@ def test_evaluate_script_writes_results(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     command = [
-        sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(tmp_path / "model"), "--max_blocks", "6",
+        sys.executable, str(ROOT / "scripts" / "evaluate_model.py"), str(tmp_path / "model"), "--max_blocks", "6",
         "--grouping", "batch", "single", "--data_cache_dir", str(tmp_path / "cache"),
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=600)

@@ -1,7 +1,10 @@
 """Perplexity of a checkpoint on the held-out State of the Union speeches and on the King James Bible (out of domain).
 
-    python scripts/evaluate.py runs/mot-tiny
-    python scripts/evaluate.py runs/mot-tiny --grouping batch single fillers --router_temperature 0
+    python scripts/evaluate_model.py runs/mot-tiny
+    python scripts/evaluate_model.py runs/mot-tiny --grouping batch single fillers --router_temperature 0
+
+(Named evaluate_model.py, not evaluate.py: a script of that name would shadow the `evaluate` library for every
+script in this folder.)
 
 Perplexity is computed with the `evaluate` library through the metric module shipped in the package. How rows are
 grouped matters for a MoT model (see mixture_of_tokens/evaluation.py): `batch` groups consecutive blocks as in
@@ -10,17 +13,12 @@ training, `single` evaluates each block alone, `fillers` puts each block with gr
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-# This script shares its name with the `evaluate` library: keep its folder off the import path, so that
-# `import evaluate` (used by the metric) finds the library and not this file.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from mixture_of_tokens.data import load_kjv, load_sotu, load_text, pack  # noqa: E402
-from mixture_of_tokens.evaluation import GROUPINGS, evaluate_perplexity  # noqa: E402
+from mixture_of_tokens.data import load_text
+from mixture_of_tokens.evaluation import GROUPINGS, evaluate_on_corpora
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,22 +39,17 @@ def parse_args() -> argparse.Namespace:
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    block_size = args.block_size or model.config.n_positions
-    batch_size = args.batch_size or getattr(model.config, "group_size", 8)
-    corpora = {"validation": load_sotu()["validation"], "kjv": load_kjv()}
-    if args.text:
-        corpora["text"] = load_text(args.text[0] if len(args.text) == 1 else args.text)
-    fillers = pack(load_sotu()["train"], tokenizer, block_size, args.data_cache_dir)
-    results = {"model": str(args.model), "block_size": block_size, "batch_size": batch_size}
-    results["router_temperature"] = args.router_temperature
-    for name, text in corpora.items():
-        blocks = pack(text, tokenizer, block_size, args.data_cache_dir)
-        if args.max_blocks:
-            blocks = blocks.select(range(min(args.max_blocks, len(blocks))))
-        results[name] = {
-            grouping: evaluate_perplexity(model, blocks, batch_size, grouping, fillers, args.router_temperature)
-            for grouping in args.grouping
-        }
+    results = {"model": str(args.model)} | evaluate_on_corpora(
+        model,
+        tokenizer,
+        block_size=args.block_size or model.config.n_positions,
+        batch_size=args.batch_size or getattr(model.config, "group_size", 8),
+        groupings=tuple(args.grouping),
+        max_blocks=args.max_blocks,
+        router_temperature=args.router_temperature,
+        data_cache_dir=args.data_cache_dir,
+        extra_text=load_text(args.text[0] if len(args.text) == 1 else args.text) if args.text else None,
+    )
     return results
 
 

@@ -1,0 +1,108 @@
+"""Model cards for MoTGPT checkpoints, rendered with `huggingface_hub.ModelCard` from `model_cards/motgpt.md`."""
+
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "motgpt.md"
+# Result key -> (dataset type, dataset name, split) for the model-index.
+CORPORA = {
+    "validation": ("sotu", "State of the Union addresses, 20 latest held out", "validation"),
+    "kjv": ("kjv", "King James Bible (out of domain)", "test"),
+}
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """Total parameters, and parameters active per token.
+
+    A token only gets its share of an expert's work: each expert processes one mixture per group of G tokens, so
+    `1 / G` of the expert weights is active per token (with the FLOP-matched width, exactly a dense MLP's worth).
+    """
+    total = sum(p.numel() for p in model.parameters())
+    config = model.config
+    expert = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if name.rsplit(".", 1)[-1] in ("w_in", "w_out", "b_in", "b_out")
+    )
+    group_size = getattr(config, "group_size", 1)
+    return total, round(total - expert * (1 - 1 / group_size))
+
+
+def flops_per_token(model) -> float:
+    """Matmul FLOPs per token: 2 per active non-embedding weight, the LM head, and MoT's controller, mixing and
+    redistribution (about 3 * n_experts * n_embd multiply-adds per MoT layer)."""
+    config = model.config
+    _, active = parameter_counts(model)
+    embeddings = config.vocab_size * config.n_embd + config.n_positions * config.n_embd
+    n_mot = len(getattr(config, "mot_layer_indices", []))
+    mixing = 3 * getattr(config, "n_experts", 0) * config.n_embd * n_mot
+    return 2 * (active - embeddings) + 2 * config.vocab_size * config.n_embd + 2 * mixing
+
+
+def evaluation_table(eval_results: dict) -> str:
+    rows = ["| corpus | grouping | perplexity | loss (nats/token) |", "| --- | --- | --- | --- |"]
+    for corpus, by_grouping in eval_results.items():
+        if corpus in CORPORA:
+            for grouping, result in by_grouping.items():
+                rows.append(f"| {CORPORA[corpus][1]} | {grouping} | {result['perplexity']:.2f} | "
+                            f"{result['mean_nll']:.4f} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def render_model_card(
+    model, eval_results: dict, repo_id: str, training_details: str, dense_twin=None, license: str = "apache-2.0"
+) -> ModelCard:
+    """A model card with YAML metadata (including a `model-index` of `eval_results`) and the body from the template.
+
+    `eval_results` is what `scripts/evaluate_model.py` writes; `dense_twin` (a model) gives the FLOPs comparison.
+    """
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=CORPORA[corpus][0],
+            dataset_name=CORPORA[corpus][1],
+            dataset_split=CORPORA[corpus][2],
+            metric_type="perplexity",
+            metric_name=f"perplexity ({grouping} grouping)",
+            metric_value=round(result["perplexity"], 4),
+        )
+        for corpus, by_grouping in eval_results.items()
+        if corpus in CORPORA
+        for grouping, result in by_grouping.items()
+    ]
+    if not results:
+        raise ValueError("`eval_results` holds no evaluation results: run scripts/evaluate_model.py first.")
+    config = model.config
+    total, active = parameter_counts(model)
+    flops_ratio = f"{flops_per_token(model) / flops_per_token(dense_twin):.3f}x" if dense_twin is not None else "n/a"
+    card_data = ModelCardData(
+        language="en",
+        license=license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["mixture-of-tokens", "motgpt", "mixture-of-experts", "custom_code"],
+        datasets=["sotu"],
+        model_name=repo_id.split("/")[-1],
+        eval_results=results,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        n_layer=config.n_layer,
+        n_embd=config.n_embd,
+        n_head=config.n_head,
+        mot_layers=getattr(config, "mot_layer_indices", []) or "none (dense)",
+        n_experts=getattr(config, "n_experts", "-"),
+        group_size=getattr(config, "group_size", "-"),
+        expert_size=getattr(config, "expert_size_resolved", "-"),
+        router_temperature=getattr(config, "router_temperature", "-"),
+        learnable_temperature=f"learnable: {getattr(config, 'learnable_temperature', 'none')}",
+        total_params=f"{total:,}",
+        active_params=f"{active:,}",
+        flops_ratio=flops_ratio,
+        training_details=training_details,
+        evaluation_table=evaluation_table(eval_results),
+    )
