@@ -37,13 +37,14 @@ def check_router_temperature(router_temperature: float | None) -> None:
 
 
 def mixing_weights(
-    router_logits: torch.Tensor, token_mask: torch.Tensor, temperature: float | torch.Tensor
+    router_logits: torch.Tensor, token_mask: torch.Tensor | None, temperature: float | torch.Tensor
 ) -> torch.Tensor:
     """Per-expert softmax of the controller logits over the tokens of each group.
 
     Args:
         router_logits: `(n_groups, group_size, seq_len, n_experts)` controller logits.
-        token_mask: `(n_groups, group_size, seq_len, 1)` bool, False for padding and for empty group slots.
+        token_mask: `(n_groups, group_size, seq_len, 1)` bool, False for padding and for empty group slots;
+            `None` when every token is real.
         temperature: a float >= 0, or a tensor of shape `(1,)` or `(n_experts,)` > 0.
 
     Returns:
@@ -52,14 +53,20 @@ def mixing_weights(
     """
     if isinstance(temperature, (int, float)) and temperature == 0:
         # Discrete routing: each expert takes the single best real token of its group (first one on ties).
-        winners = router_logits.masked_fill(~token_mask, float("-inf")).argmax(dim=1, keepdim=True)
+        if token_mask is not None:
+            router_logits = router_logits.masked_fill(~token_mask, float("-inf"))
+        winners = router_logits.argmax(dim=1, keepdim=True)
         weights = torch.zeros_like(router_logits).scatter_(1, winners, 1.0)
-        return weights * token_mask
+        return weights if token_mask is None else weights * token_mask
     # Softmax in at least float32, so bf16/fp16 logits keep their precision.
     dtype = torch.promote_types(router_logits.dtype, torch.float32)
     logits = router_logits.to(dtype)
     # Shifting by the group's largest real logit before dividing keeps every scaled logit <= 0, so a tiny T cannot
     # overflow to +inf: the weights then approach the one-hot routing of T = 0 instead of turning into NaN.
+    if token_mask is None:
+        return torch.softmax((logits - logits.amax(dim=1, keepdim=True).detach()) / temperature, dim=1).to(
+            router_logits.dtype
+        )
     real_max = logits.masked_fill(~token_mask, float("-inf")).amax(dim=1, keepdim=True)
     shift = torch.where(token_mask.any(dim=1, keepdim=True), real_max, 0.0).detach()
     # Masked tokens get the lowest finite logit rather than -inf, so a group with no real token stays finite.
@@ -124,18 +131,20 @@ class MoTLayer(nn.Module):
         n_groups = -(-batch_size // self.group_size)
         n_slots = n_groups * self.group_size
         x = hidden_states
-        if attention_mask is None:
-            token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=x.device)
-        else:
+        token_mask = None  # every token real, every group full: the cheap path (e.g. training on packed blocks)
+        if attention_mask is not None:
             token_mask = attention_mask.bool()
             # Zero weight times a non-finite padding state would still be NaN: clear masked tokens first.
             x = x.masked_fill(~token_mask[..., None], 0.0)
         if n_slots != batch_size:
             # The empty slots of the last group are masked, so they take no softmax mass.
+            if token_mask is None:
+                token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=x.device)
             x = nn.functional.pad(x, (0, 0, 0, 0, 0, n_slots - batch_size))
             token_mask = nn.functional.pad(token_mask, (0, 0, 0, n_slots - batch_size), value=False)
         x = x.view(n_groups, self.group_size, seq_len, d)
-        token_mask = token_mask.view(n_groups, self.group_size, seq_len, 1)
+        if token_mask is not None:
+            token_mask = token_mask.view(n_groups, self.group_size, seq_len, 1)
 
         router_logits = torch.einsum("ngsd,de->ngse", x, self.controller)
         weights = mixing_weights(router_logits, token_mask, self._temperature(router_temperature))

@@ -264,3 +264,10 @@ def test_non_finite_padding_states_do_not_reach_real_tokens():
     poisoned = x.masked_fill(~mask.bool()[..., None], float("nan"))
     real = mask.bool()
     torch.testing.assert_close(run(layer, poisoned, mask)[real], run(layer, x, mask)[real], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.5, torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 16.0])])
+def test_unmasked_fast_path_equals_an_all_true_mask(temperature):
+    logits = torch.randn(2, 4, 3, 6)
+    all_true = torch.ones(2, 4, 3, 1, dtype=torch.bool)
+    torch.testing.assert_close(mixing_weights(logits, None, temperature), mixing_weights(logits, all_true, temperature))
