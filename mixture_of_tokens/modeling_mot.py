@@ -128,8 +128,9 @@ class MoTLayer(nn.Module):
                 f"`attention_mask` of a MoT layer must have shape (batch_size, seq_len) = {(batch_size, seq_len)}, "
                 f"got {tuple(attention_mask.shape)}."
             )
-        n_groups = -(-batch_size // self.group_size)
-        n_slots = n_groups * self.group_size
+        group_size, n_experts = self.group_size, self.controller.shape[1]
+        n_groups = -(-batch_size // group_size)
+        n_slots = n_groups * group_size
         x = hidden_states
         token_mask = None  # every token real, every group full: the cheap path (e.g. training on packed blocks)
         if attention_mask is not None:
@@ -142,25 +143,31 @@ class MoTLayer(nn.Module):
                 token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=x.device)
             x = nn.functional.pad(x, (0, 0, 0, 0, 0, n_slots - batch_size))
             token_mask = nn.functional.pad(token_mask, (0, 0, 0, n_slots - batch_size), value=False)
-        x = x.view(n_groups, self.group_size, seq_len, d)
+        x = x.view(n_groups, group_size, seq_len, d)
         if token_mask is not None:
-            token_mask = token_mask.view(n_groups, self.group_size, seq_len, 1)
+            token_mask = token_mask.view(n_groups, group_size, seq_len, 1)
 
-        router_logits = torch.einsum("ngsd,de->ngse", x, self.controller)
+        router_logits = x @ self.controller
         weights = mixing_weights(router_logits, token_mask, self._temperature(router_temperature))
-
-        mixed = torch.einsum("ngse,ngsd->ensd", weights, x).reshape(-1, n_groups * seq_len, d)
+        # Mixing and redistribution are bmm's batched over (group, position). The weights and tokens are copied once
+        # into that layout; every other operand is a strided view that bmm reads without a copy.
+        weights = weights.transpose(1, 2).reshape(n_groups * seq_len, group_size, n_experts)
+        x = x.transpose(1, 2).reshape(n_groups * seq_len, group_size, d)
+        mixed = torch.bmm(weights.transpose(1, 2), x).transpose(0, 1)  # (n_experts, n_groups * seq_len, d)
         hidden = torch.bmm(mixed, self.w_in)
         if self.b_in is not None:
             hidden = hidden + self.b_in[:, None, :]
-        expert_out = torch.bmm(self.act(hidden), self.w_out)
+        # In place for ReLU (saves a buffer): its backward needs only its output, bmm's backward not `hidden`.
+        hidden = torch.relu_(hidden) if type(self.act) is nn.ReLU else self.act(hidden)
+        expert_out = torch.bmm(hidden, self.w_out)
         if self.b_out is not None:
             expert_out = expert_out + self.b_out[:, None, :]
-        expert_out = expert_out.view(-1, n_groups, seq_len, d)
-        update = torch.einsum("ngse,ensd->ngsd", weights, expert_out)
+        update = torch.bmm(weights, expert_out.transpose(0, 1))  # (n_groups * seq_len, group_size, d)
 
-        update = update.reshape(n_slots, seq_len, d)[:batch_size]
-        router_logits = router_logits.reshape(n_slots, seq_len, -1)[:batch_size]
+        update = update.view(n_groups, seq_len, group_size, d).transpose(1, 2).reshape(n_slots, seq_len, d)
+        router_logits = router_logits.view(n_slots, seq_len, n_experts)
+        if n_slots != batch_size:
+            update, router_logits = update[:batch_size], router_logits[:batch_size]
         return self.dropout(update), router_logits
 
     def _temperature(self, router_temperature: float | None) -> float | torch.Tensor:
