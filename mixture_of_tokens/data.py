@@ -159,3 +159,8 @@ def pack(
     if cached is not None:
         blocks.save_to_disk(str(cached))
     return blocks
+
+
+def head(blocks: Dataset, n: int | None) -> Dataset:
+    """The first `n` blocks (all of them when `n` is None or 0)."""
+    return blocks.select(range(min(n, len(blocks)))) if n else blocks

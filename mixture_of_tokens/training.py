@@ -23,7 +23,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from .configuration_mot import MoTGPTConfig
-from .data import load_sotu, load_text, make_tokenizer, pack
+from .data import head, load_sotu, load_text, make_tokenizer, pack
 from .modeling_mot import MoTGPTForCausalLM
 
 # Model presets: each MoT preset has a dense twin ("dense-*": the same network with no MoT block), so the two spend
@@ -269,8 +269,7 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
     set_seed(args.seed)  # the same initial weights in every run with this seed (Trainer seeds only after this)
     model = build_model(script, tokenizer)
     check_groups(model.config, args.per_device_train_batch_size, args.per_device_eval_batch_size)
-    if script.max_eval_blocks is not None:
-        validation_blocks = validation_blocks.select(range(min(script.max_eval_blocks, len(validation_blocks))))
+    validation_blocks = head(validation_blocks, script.max_eval_blocks)
     trainer = Trainer(
         model=model,
         args=args,

@@ -67,13 +67,6 @@ def test_layer_equals_plain_per_group_loop(temperature, overrides):
     torch.testing.assert_close(run(layer, x, mask, temperature), expected, rtol=1e-9, atol=1e-10)
 
 
-def test_layer_without_mask_equals_loop_with_all_ones_mask():
-    layer = make_layer()
-    x = torch.randn(B, S, D, dtype=torch.float64)
-    expected = reference_mot(layer, x, torch.ones(B, S, dtype=torch.long), 1.0)
-    torch.testing.assert_close(run(layer, x), expected, rtol=1e-9, atol=1e-10)
-
-
 def test_output_and_router_logits_shapes():
     layer = make_layer()
     update, router_logits = layer(torch.randn(B, S, D, dtype=torch.float64))
@@ -133,8 +126,8 @@ def test_full_group_rows_are_unchanged_by_rows_that_follow():
     torch.testing.assert_close(run(layer, x[:3]), run(layer, x)[:3], rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 4])
-def test_any_batch_size_matches_the_loop(batch_size):
+@pytest.mark.parametrize("batch_size", [1, 2, 4, B])
+def test_any_batch_size_without_mask_matches_the_loop(batch_size):
     layer = make_layer()
     x = torch.randn(batch_size, S, D, dtype=torch.float64)
     expected = reference_mot(layer, x, torch.ones(batch_size, S, dtype=torch.long), 1.0)
