@@ -255,6 +255,11 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
     elif script.resume:
         raise ValueError(f"--resume was given but `output_dir` {str(output_dir)!r} holds no checkpoint.")
     output_dir.mkdir(parents=True, exist_ok=True)
+    if last_checkpoint is not None and args.process_index == 0:
+        # Logs written after the checkpoint, before the stop, are logged again by the resumed run: drop them.
+        resumed_step = int(Path(last_checkpoint).name.split("-")[-1])
+        kept = [r for r in read_metrics(output_dir) if r["step"] <= resumed_step]
+        (output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     train_text = load_text(script.corpus[0] if len(script.corpus) == 1 else script.corpus)
     if script.validation:

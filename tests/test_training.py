@@ -56,15 +56,19 @@ def test_resumed_run_equals_an_uninterrupted_one(corpus, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     steps = ["--max_steps", "8", "--save_steps", "4", "--eval_steps", "100"]
     run_training(*parse_args(tiny_run(corpus, straight, *steps)))
-    # Interrupted after step 4: only the tokenizer and the first checkpoint survive.
+    # Stopped after step 8 had been logged but before its checkpoint: the tokenizer, the logs and checkpoint-4 remain.
     resumed.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "metrics.jsonl"):
         (resumed / name).write_bytes((straight / name).read_bytes())
     subprocess.run(["cp", "-r", str(straight / "checkpoint-4"), str(resumed)], check=True)
     run_training(*parse_args(tiny_run(corpus, resumed, *steps, "--resume", "true")))
     expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    losses = [[(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r] for run in (straight, resumed)]  # fmt: skip
+    assert [step for step, _ in losses[1]] == [2, 4, 6, 8], "each step logged once"
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-5)
 
 
 def test_existing_checkpoints_need_resume(corpus, tmp_path):
@@ -98,8 +102,6 @@ def test_config_file_sets_arguments_and_the_command_line_wins(tmp_path):
 
 
 def test_finetune_script_tunes_a_non_mot_checkpoint_on_a_text_file(corpus, tmp_path):
-    from tokenizers import ByteLevelBPETokenizer  # noqa: F401  (the fine-tune reuses the checkpoint's tokenizer)
-
     from mixture_of_tokens.data import train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer([Path(corpus["train"]).read_text()], vocab_size=300)
