@@ -30,13 +30,13 @@ def parameter_counts(model) -> tuple[int, int]:
 
 
 def flops_per_token(model) -> float:
-    """Matmul FLOPs per token: 2 per active non-embedding weight, the LM head, and MoT's controller, mixing and
-    redistribution (about 3 * n_experts * n_embd multiply-adds per MoT layer)."""
+    """Matmul FLOPs per token: 2 per active non-embedding weight (the controller among them), the LM head, and MoT's
+    mixing and redistribution (2 * n_experts * n_embd multiply-adds per MoT layer)."""
     config = model.config
     _, active = parameter_counts(model)
     embeddings = config.vocab_size * config.n_embd + config.n_positions * config.n_embd
     n_mot = len(getattr(config, "mot_layer_indices", []))
-    mixing = 3 * getattr(config, "n_experts", 0) * config.n_embd * n_mot
+    mixing = 2 * getattr(config, "n_experts", 0) * config.n_embd * n_mot
     return 2 * (active - embeddings) + 2 * config.vocab_size * config.n_embd + 2 * mixing
 
 

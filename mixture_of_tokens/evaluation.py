@@ -49,15 +49,21 @@ def evaluate_perplexity(
         raise ValueError(f"`grouping` must be one of {GROUPINGS}, got {grouping!r}.")
     if grouping == "fillers" and fillers is None:
         raise ValueError("`grouping='fillers'` needs `fillers`: a dataset of blocks to fill each group with.")
+    group_size = getattr(model.config, "group_size", 1)
+    if grouping == "batch" and batch_size % group_size:
+        raise ValueError(
+            f"`batch_size`={batch_size} is not a multiple of the model's group_size={group_size}: the result would "
+            "depend on the batch size through partial groups. Choose a multiple of group_size."
+        )
     kwargs = {} if router_temperature is None else {"router_temperature": router_temperature}
     model.eval()
     metric = load_perplexity_metric()
-    ids = torch.tensor(blocks["input_ids"])
+    ids = torch.tensor(blocks["input_ids"], device=model.device)
     step = batch_size if grouping == "batch" else 1
     if grouping == "fillers":
-        n_fill = model.config.group_size - 1
-        filler_ids = torch.tensor(fillers["input_ids"][:n_fill])
-        if len(filler_ids) < n_fill or filler_ids.shape[1] != ids.shape[1]:
+        n_fill = group_size - 1
+        filler_ids = torch.tensor(fillers["input_ids"][:n_fill], device=model.device) if n_fill else ids[:0]
+        if filler_ids.shape != (n_fill, ids.shape[1]):
             raise ValueError(
                 f"`fillers` must hold at least group_size - 1 = {n_fill} blocks of {ids.shape[1]} tokens, "
                 f"got {tuple(filler_ids.shape)}."

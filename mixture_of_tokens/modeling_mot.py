@@ -27,6 +27,9 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_mot import MoTGPTConfig
 
 
+TINY_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
 def check_router_temperature(router_temperature: float | None) -> None:
     """Refuse a per-call temperature that is not a number >= 0 (`None` means "use the model's own")."""
     if router_temperature is not None and (isinstance(router_temperature, bool) or not router_temperature >= 0):
@@ -171,11 +174,12 @@ class MoTLayer(nn.Module):
         return self.dropout(update), router_logits
 
     def _temperature(self, router_temperature: float | None) -> float | torch.Tensor:
-        if router_temperature is not None:
-            return float(router_temperature)
-        if self.log_temperature is not None:
-            return self.log_temperature.exp()
-        return self.temperature
+        # A positive T below float32's smallest normal number would round to 0 and give 0 / 0 = NaN for each group's
+        # best token: clamp it there, where the weights are one-hot already.
+        if self.log_temperature is not None and router_temperature is None:
+            return self.log_temperature.exp().clamp_min(TINY_TEMPERATURE)
+        temperature = float(self.temperature if router_temperature is None else router_temperature)
+        return 0.0 if temperature == 0 else max(temperature, TINY_TEMPERATURE)
 
 
 class MoTGPTBlock(GradientCheckpointingLayer):
@@ -188,6 +192,9 @@ class MoTGPTBlock(GradientCheckpointingLayer):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.is_mot = layer_idx in config.mot_layer_indices
         self.mlp = MoTLayer(config) if self.is_mot else GPT2MLP(config.d_ff, config)
+        for projection in (self.attn.c_proj, None if self.is_mot else self.mlp.c_proj):
+            if projection is not None:
+                projection.writes_residual = True
 
     def forward(
         self,
@@ -239,12 +246,14 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         config = self.config
         if isinstance(module, Conv1D):
-            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+            std = config.initializer_range
+            if getattr(module, "writes_residual", False):
+                # GPT-2's scaled init of the projections that write to the residual stream (two per block). It is
+                # keyed on the Conv1D itself: transformers skips `_init_weights` for parents whose children are done.
+                std /= math.sqrt(2 * config.n_layer)
+            init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        if isinstance(module, (GPT2Attention, GPT2MLP)):
-            # GPT-2's scaled init of the projections that write to the residual stream (two per block).
-            init.normal_(module.c_proj.weight, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
         if isinstance(module, MoTLayer):
             # The paper's init: truncated normal, std = sqrt(scale / fan_in), cut at two standard deviations.
             for weight, fan_in in (
@@ -418,10 +427,12 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         eos_stops_mixing: tuple[int, torch.Tensor] | None = None,
         **kwargs,
     ) -> dict:
-        """As in [`~GenerationMixin`], and rows that have emitted EOS leave their groups' mixtures.
+        """As in [`~GenerationMixin`], with the 2-D padding mask kept, and rows that have emitted EOS leaving their
+        groups' mixtures.
 
         `eos_stops_mixing` is `(prompt_length, eos_token_ids)`, set by [`generate`]: a row whose generated part
         (`input_ids[:, prompt_length:]`) holds one of those ids is masked from that token on. The mask only changes
@@ -429,15 +440,23 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         `generate` anyway. It is a function of `input_ids`, so cached decoding and full recomputation agree.
         """
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
         )
+        if attention_mask is not None:
+            # A static cache makes the parent build a 4-D mask; MoT needs the 2-D one (the model builds the 4-D).
+            model_inputs["attention_mask"] = attention_mask
         if eos_stops_mixing is not None:
             prompt_length, eos_token_ids = eos_stops_mixing
             generated = input_ids[:, prompt_length:]
             finished = torch.isin(generated, eos_token_ids.to(generated.device)).cumsum(dim=-1) > 0
             if finished.any():
                 mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
-                mask[:, prompt_length:] *= ~finished
+                # The generated tokens are the mask's last columns (a prompt given as embeddings is not in input_ids).
+                mask[:, mask.shape[1] - generated.shape[1] :] *= ~finished
                 model_inputs["attention_mask"] = mask
         return model_inputs
 
@@ -472,8 +491,10 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
             prompt, kwargs["attention_mask"], forcing = self._add_group_fillers(prompt, group_fillers, config, kwargs)
             logits_processor = LogitsProcessorList([*(logits_processor or []), forcing])
         eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
-        if prompt is not None and eos_token_id is not None:
-            kwargs["eos_stops_mixing"] = (prompt.shape[1], torch.as_tensor(eos_token_id).flatten())
+        if eos_token_id is not None:
+            # With only `inputs_embeds`, generate's input_ids hold just the new tokens: the prompt length there is 0.
+            prompt_length = prompt.shape[1] if prompt is not None else 0
+            kwargs["eos_stops_mixing"] = (prompt_length, torch.as_tensor(eos_token_id).flatten())
         if prompt_key == "inputs":
             inputs = prompt
         else:
@@ -504,11 +525,19 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
                 f"got {tuple(fillers.shape)}."
             )
         fillers = fillers[:n_fill].to(prompt.device)
+        eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
+        continuation = fillers[:, prompt_len : prompt_len + max_new_tokens]
+        if eos_token_id is not None and torch.isin(continuation, torch.as_tensor(eos_token_id)).any():
+            raise ValueError(
+                f"`group_fillers` rows must not hold an EOS id ({eos_token_id}) in the {max_new_tokens} tokens they are "
+                f"fed after the prompt (columns {prompt_len} to {prompt_len + max_new_tokens - 1}): a filler that "
+                "emits EOS would leave its group. Cut the filler text at document boundaries."
+            )
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(prompt) if mask is None else mask
         ids = torch.cat([prompt[:, None], fillers[None, :, :prompt_len].expand(batch_size, -1, -1)], dim=1)
         mask = torch.cat([mask[:, None], torch.ones_like(ids[:, 1:])], dim=1)
-        forcing = FillerForcing(fillers[:, prompt_len : prompt_len + max_new_tokens], prompt_len)
+        forcing = FillerForcing(continuation, prompt_len)
         return ids.flatten(0, 1), mask.flatten(0, 1), forcing
 
 

@@ -212,6 +212,13 @@ def plot_loss_curves(runs: dict[str, list[dict]], path: str | Path) -> None:
     plt.close(fig)
 
 
+class MoTTrainer(Trainer):
+    """`Trainer` that exempts learned MoT temperatures from weight decay, which would pull them towards T = 1."""
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [name for name in super().get_decay_parameter_names(model) if not name.endswith("log_temperature")]
+
+
 def build_model(script: ScriptArguments, tokenizer: PreTrainedTokenizerBase):
     """A fresh preset model sized to the tokenizer, or the checkpoint `model_name_or_path` to fine-tune."""
     overrides = config_overrides(script.model)
@@ -229,12 +236,14 @@ def build_model(script: ScriptArguments, tokenizer: PreTrainedTokenizerBase):
     return MoTGPTForCausalLM(config)
 
 
-def load_tokenizer(script: ScriptArguments, train_texts: list[str], output_dir: Path) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer when fine-tuning; else the one already in `output_dir` (a resumed run, or another
-    process of a distributed run), else a new one, saved there."""
+def load_tokenizer(
+    script: ScriptArguments, train_texts: list[str], output_dir: Path, main_process: bool
+) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer when fine-tuning; the one in `output_dir` when resuming, or in the processes of a
+    distributed run after the first; else a new one, saved there."""
     if script.model_name_or_path is not None:
         return AutoTokenizer.from_pretrained(script.model_name_or_path)
-    if (output_dir / "tokenizer.json").exists():
+    if script.resume or not main_process:
         return AutoTokenizer.from_pretrained(output_dir)
     return make_tokenizer(script.tokenizer, train_texts, script.vocab_size, output_dir)
 
@@ -268,14 +277,14 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
         validation_text = load_sotu()["validation"]
     # The first process trains the tokenizer and fills the block cache; the others then read them.
     with args.main_process_first(desc="tokenizer and packed blocks"):
-        tokenizer = load_tokenizer(script, train_text["text"], output_dir)
+        tokenizer = load_tokenizer(script, train_text["text"], output_dir, args.process_index == 0)
         train_blocks = pack(train_text, tokenizer, script.block_size, script.data_cache_dir)
         validation_blocks = pack(validation_text, tokenizer, script.block_size, script.data_cache_dir)
     set_seed(args.seed)  # the same initial weights in every run with this seed (Trainer seeds only after this)
     model = build_model(script, tokenizer)
     check_groups(model.config, args.per_device_train_batch_size, args.per_device_eval_batch_size)
     validation_blocks = head(validation_blocks, script.max_eval_blocks)
-    trainer = Trainer(
+    trainer = MoTTrainer(
         model=model,
         args=args,
         train_dataset=train_blocks,
@@ -285,7 +294,7 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
         callbacks=[JsonlMetricsCallback()],
     )
     trainer.train(resume_from_checkpoint=script.resume or None)
+    trainer.save_model(str(output_dir))  # on every process: FSDP and DeepSpeed gather weights there
     if trainer.is_world_process_zero():
-        trainer.save_model(str(output_dir))
         plot_loss_curves({output_dir.name: read_metrics(output_dir)}, output_dir / "loss_curves.png")
     return trainer

@@ -67,3 +67,11 @@ def test_evaluate_script_writes_results(tmp_path):
             assert results[corpus][grouping]["tokens"] == 6 * 31
             assert 1 < results[corpus][grouping]["perplexity"] < 1000
     assert results["batch_size"] == 3
+
+
+def test_partial_groups_are_refused_and_groups_of_one_work():
+    blocks = Dataset.from_dict({"input_ids": random_ids(4, 10).tolist()})
+    with pytest.raises(ValueError, match="not a multiple of the model's group_size=3"):
+        evaluate_perplexity(MoTGPTForCausalLM(tiny_config()).eval(), blocks, batch_size=4)
+    single = MoTGPTForCausalLM(tiny_config(group_size=1)).eval()
+    assert evaluate_perplexity(single, blocks, 1, "fillers", blocks)["tokens"] == 4 * 9

@@ -221,3 +221,21 @@ def test_pipeline_from_an_offline_hub_repo_without_the_package(tmp_path):
         PROMPTS, max_new_tokens=4, do_sample=False, batch_size=3, router_temperature=0.5
     )
     assert remote == [out[0]["generated_text"] for out in local]
+
+
+def test_static_cache_and_embedding_prompts_generate_like_recomputation():
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    expected = greedy(model, ids, mask, use_cache=False)
+    assert torch.equal(greedy(model, ids, mask, cache_implementation="static"), expected)
+    with torch.no_grad():
+        embeds = model.transformer.wte(ids)
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(from_embeds, expected[:, L:])
+
+
+def test_fillers_that_would_emit_eos_are_refused():
+    fillers = random_ids(2, L + NEW, seed=7)
+    fillers[1, L + 3] = 0  # the config's EOS id, fed after the prompt
+    with pytest.raises(ValueError, match="must not hold an EOS id"):
+        greedy(make_model(), random_ids(1, L), group_fillers=fillers)

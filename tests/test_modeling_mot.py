@@ -260,3 +260,11 @@ def test_save_and_load_give_identical_logits(tmp_path):
         torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
     base = AutoModel.from_pretrained(tmp_path)
     assert isinstance(base, MoTGPTModel)
+
+
+def test_residual_projections_get_gpt2_scaled_init():
+    model = make_model(n_layer=8, n_embd=64, mot_layers=[0])
+    scaled = 0.02 / (2 * 8) ** 0.5
+    for projection in (model.transformer.h[0].attn.c_proj, model.transformer.h[1].mlp.c_proj):
+        assert abs(projection.weight.std().item() - scaled) < 0.15 * scaled
+    assert abs(model.transformer.h[1].mlp.c_fc.weight.std().item() - 0.02) < 0.1 * 0.02

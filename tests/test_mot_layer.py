@@ -264,3 +264,12 @@ def test_unmasked_fast_path_equals_an_all_true_mask(temperature):
     logits = torch.randn(2, 4, 3, 6)
     all_true = torch.ones(2, 4, 3, 1, dtype=torch.bool)
     torch.testing.assert_close(mixing_weights(logits, None, temperature), mixing_weights(logits, all_true, temperature))
+
+
+def test_temperatures_below_float32_range_stay_finite():
+    layer = make_layer(learnable_temperature="expert").float()
+    x = torch.randn(B, S, D)
+    assert torch.isfinite(run(layer, x, temperature=5e-324)).all()
+    with torch.no_grad():
+        layer.log_temperature.fill_(-110.0)  # exp() underflows to 0 in float32
+    torch.testing.assert_close(run(layer, x), run(layer, x, temperature=0.0))

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.data import sotu_speech_files
 from mixture_of_tokens.training import check_groups, parse_args, preset_config, run_training
 
@@ -69,6 +70,15 @@ def test_resumed_run_equals_an_uninterrupted_one(corpus, tmp_path):
                if "loss" in r] for run in (straight, resumed)]  # fmt: skip
     assert [step for step, _ in losses[1]] == [2, 4, 6, 8], "each step logged once"
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_learned_temperatures_get_no_weight_decay():
+    from mixture_of_tokens.training import MoTTrainer
+
+    model = MoTGPTForCausalLM(preset_config("mot-tiny", n_layer=1, learnable_temperature="expert"))
+    trainer = MoTTrainer(model=model, args=parse_args(["--output_dir", "unused", "--eval_strategy", "no"])[1])
+    decayed = trainer.get_decay_parameter_names(model)
+    assert "transformer.h.0.mlp.w_in" in decayed and not any("log_temperature" in name for name in decayed)
 
 
 def test_existing_checkpoints_need_resume(corpus, tmp_path):
