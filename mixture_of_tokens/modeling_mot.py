@@ -26,7 +26,6 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mot import MoTGPTConfig
 
-
 TINY_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
