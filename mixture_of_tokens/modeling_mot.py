@@ -528,9 +528,9 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         continuation = fillers[:, prompt_len : prompt_len + max_new_tokens]
         if eos_token_id is not None and torch.isin(continuation, torch.as_tensor(eos_token_id)).any():
             raise ValueError(
-                f"`group_fillers` rows must not hold an EOS id ({eos_token_id}) in the {max_new_tokens} tokens they are "
-                f"fed after the prompt (columns {prompt_len} to {prompt_len + max_new_tokens - 1}): a filler that "
-                "emits EOS would leave its group. Cut the filler text at document boundaries."
+                f"`group_fillers` rows must not hold an EOS id ({eos_token_id}) in the {max_new_tokens} tokens they "
+                f"are fed after the prompt (columns {prompt_len} to {prompt_len + max_new_tokens - 1}): a filler "
+                "that emits EOS would leave its group. Cut the filler text at document boundaries."
             )
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(prompt) if mask is None else mask
