@@ -4,6 +4,7 @@ from transformers import GPT2Config
 from transformers.activations import ACT2CLS
 
 LEARNABLE_TEMPERATURE_MODES = ("none", "layer", "expert")
+FFN_TYPES = ("mot", "uniform_mot", "token_choice", "expert_choice")
 MOT_LAYER_PRESETS = ("all", "second_half")
 
 
@@ -47,6 +48,23 @@ class MoTGPTConfig(GPT2Config):
         mot_init_scale (`float`, *optional*, defaults to 0.1):
             MoT weights start from a truncated normal with `std = sqrt(mot_init_scale / fan_in)`, as in the paper.
             Must be `> 0`.
+        ffn_type (`str`, *optional*, defaults to `"mot"`):
+            The layer used in the blocks of `mot_layers`: `"mot"`; `"uniform_mot"`, MoT with all controller
+            logits equal (plain averaging, the paper's ablation); `"token_choice"`, a Token Choice MoE (each token
+            goes to its `num_experts_per_tok` best experts, Switch/Mixtral style); `"expert_choice"`, an Expert
+            Choice MoE (in each group of `group_size` tokens at one position, each expert takes its best tokens).
+            All are FLOP-matched to the dense MLP when `expert_size` is None: MoT experts are
+            `group_size * d_ff / n_experts` wide, Token and Expert Choice experts `d_ff / num_experts_per_tok`.
+        num_experts_per_tok (`int`, *optional*, defaults to 1):
+            Token Choice: experts per token. Expert Choice: average experts per token, so that each expert takes
+            `capacity_factor * group_size * num_experts_per_tok / n_experts` tokens of a group.
+        capacity_factor (`float`, *optional*, defaults to 1.0):
+            Token Choice: an expert takes at most `ceil(capacity_factor * tokens * num_experts_per_tok /
+            n_experts)` tokens of a batch; later ones are dropped (their update is 0); `None` means no limit.
+            Expert Choice: see `num_experts_per_tok`.
+        router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
+            Token Choice: weight of the Switch load-balancing loss added to the language-modeling loss when
+            `output_router_logits` is on.
         output_router_logits (`bool`, *optional*, defaults to `False`):
             Whether the model returns each MoT layer's controller logits, of shape `(batch_size, seq_len, n_experts)`.
 
@@ -73,6 +91,10 @@ class MoTGPTConfig(GPT2Config):
     expert_activation: str = "relu"
     expert_bias: bool = False
     mot_init_scale: float | int = 0.1
+    ffn_type: str = "mot"
+    num_experts_per_tok: int = 1
+    capacity_factor: float | int | None = 1.0
+    router_aux_loss_coef: float | int = 0.01
     output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
@@ -99,7 +121,33 @@ class MoTGPTConfig(GPT2Config):
             isinstance(self.expert_size, bool) or not isinstance(self.expert_size, int) or self.expert_size < 1
         ):
             raise ValueError(f"`expert_size` must be None (FLOP-matched) or an integer >= 1, got {self.expert_size!r}.")
-        if self.expert_size is None and (self.group_size * self.d_ff) % self.n_experts:
+        if self.ffn_type not in FFN_TYPES:
+            raise ValueError(f"`ffn_type` must be one of {FFN_TYPES}, got {self.ffn_type!r}.")
+        if (
+            isinstance(self.num_experts_per_tok, bool)
+            or not isinstance(self.num_experts_per_tok, int)
+            or not 1 <= self.num_experts_per_tok <= self.n_experts
+        ):
+            raise ValueError(
+                f"`num_experts_per_tok` must be an integer in [1, n_experts={self.n_experts}], "
+                f"got {self.num_experts_per_tok!r}."
+            )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"`capacity_factor` must be None (no limit) or > 0, got {self.capacity_factor!r}.")
+        if (
+            self.expert_size is None
+            and self.ffn_type in ("token_choice", "expert_choice")
+            and self.d_ff % self.num_experts_per_tok
+        ):
+            raise ValueError(
+                f"`expert_size=None` asks for the FLOP-matched width d_ff / num_experts_per_tok = "
+                f"{self.d_ff} / {self.num_experts_per_tok}, which is not a whole number; set `expert_size` explicitly."
+            )
+        if (
+            self.expert_size is None
+            and self.ffn_type in ("mot", "uniform_mot")
+            and (self.group_size * self.d_ff) % self.n_experts
+        ):
             raise ValueError(
                 f"`expert_size=None` asks for the FLOP-matched width group_size * d_ff / n_experts = "
                 f"{self.group_size} * {self.d_ff} / {self.n_experts}, which is not a whole number; "
@@ -151,9 +199,11 @@ class MoTGPTConfig(GPT2Config):
 
     @property
     def expert_size_resolved(self) -> int:
-        """The expert width f actually used: `expert_size`, or the FLOP-matched `group_size * d_ff / n_experts`."""
+        """The expert width f actually used: `expert_size`, or the FLOP-matched width of `ffn_type`."""
         if self.expert_size is not None:
             return self.expert_size
+        if self.ffn_type in ("token_choice", "expert_choice"):
+            return self.d_ff // self.num_experts_per_tok
         return self.group_size * self.d_ff // self.n_experts
 
     @property

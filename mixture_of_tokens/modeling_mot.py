@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
@@ -78,20 +79,16 @@ def mixing_weights(
     return (weights * token_mask).to(router_logits.dtype)
 
 
-class MoTLayer(nn.Module):
-    """Mixture of Tokens feed-forward layer, a drop-in replacement for the GPT-2 MLP.
+class ExpertLayer(nn.Module):
+    """What every expert layer here shares: a controller (router) `(n_embd, n_experts)` and stacked expert MLPs
+    `w_in` `(n_experts, n_embd, f)`, `w_out` `(n_experts, f, n_embd)`, with `expert_bias` also `b_in` `(n_experts, f)`
+    and `b_out` `(n_experts, n_embd)`. Subclasses decide which tokens (or mixtures) each expert processes."""
 
-    Parameters: `controller` `(n_embd, n_experts)`, `w_in` `(n_experts, n_embd, f)`, `w_out` `(n_experts, f, n_embd)`;
-    with `expert_bias`, `b_in` `(n_experts, f)` and `b_out` `(n_experts, n_embd)`; with a learnable temperature,
-    `log_temperature` `(1,)` (per layer) or `(n_experts,)` (per expert).
-    """
-
-    def __init__(self, config: MoTGPTConfig):
+    def __init__(self, config: MoTGPTConfig, with_controller: bool = True):
         super().__init__()
         d, n_experts, f = config.n_embd, config.n_experts, config.expert_size_resolved
         self.group_size = config.group_size
-        self.temperature = float(config.router_temperature)
-        self.controller = nn.Parameter(torch.empty(d, n_experts))
+        self.controller = nn.Parameter(torch.empty(d, n_experts)) if with_controller else None
         self.w_in = nn.Parameter(torch.empty(n_experts, d, f))
         self.w_out = nn.Parameter(torch.empty(n_experts, f, d))
         if config.expert_bias:
@@ -99,13 +96,37 @@ class MoTLayer(nn.Module):
             self.b_out = nn.Parameter(torch.zeros(n_experts, d))
         else:
             self.b_in = self.b_out = None
+        self.act = ACT2FN[config.expert_activation]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def experts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each expert's MLP on its own tokens: `(n_experts, n_tokens, n_embd)` -> the same shape."""
+        hidden = torch.bmm(tokens, self.w_in)
+        if self.b_in is not None:
+            hidden = hidden + self.b_in[:, None, :]
+        # In place for ReLU (saves a buffer): its backward needs only its output, bmm's backward not `hidden`.
+        hidden = torch.relu_(hidden) if type(self.act) is nn.ReLU else self.act(hidden)
+        out = torch.bmm(hidden, self.w_out)
+        return out if self.b_out is None else out + self.b_out[:, None, :]
+
+
+class MoTLayer(ExpertLayer):
+    """Mixture of Tokens feed-forward layer, a drop-in replacement for the GPT-2 MLP.
+
+    Parameters: those of [`ExpertLayer`] and, with a learnable temperature, `log_temperature` `(1,)` (per layer) or
+    `(n_experts,)` (per expert). With `ffn_type="uniform_mot"` there is no controller: all logits are equal and each
+    expert receives the plain average of its group's tokens (the paper's ablation).
+    """
+
+    def __init__(self, config: MoTGPTConfig):
+        super().__init__(config, with_controller=config.ffn_type != "uniform_mot")
+        n_experts = config.n_experts
+        self.temperature = float(config.router_temperature)
         if config.learnable_temperature != "none":
             n_temperatures = 1 if config.learnable_temperature == "layer" else n_experts
             self.log_temperature = nn.Parameter(torch.full((n_temperatures,), math.log(self.temperature)))
         else:
             self.log_temperature = None
-        self.act = ACT2FN[config.expert_activation]
-        self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(
         self,
@@ -130,7 +151,7 @@ class MoTLayer(nn.Module):
                 f"`attention_mask` of a MoT layer must have shape (batch_size, seq_len) = {(batch_size, seq_len)}, "
                 f"got {tuple(attention_mask.shape)}."
             )
-        group_size, n_experts = self.group_size, self.controller.shape[1]
+        group_size, n_experts = self.group_size, self.w_in.shape[0]
         n_groups = -(-batch_size // group_size)
         n_slots = n_groups * group_size
         x = hidden_states
@@ -149,22 +170,17 @@ class MoTLayer(nn.Module):
         if token_mask is not None:
             token_mask = token_mask.view(n_groups, group_size, seq_len, 1)
 
-        router_logits = x @ self.controller
+        if self.controller is None:
+            router_logits = x.new_zeros(*x.shape[:-1], n_experts)
+        else:
+            router_logits = x @ self.controller
         weights = mixing_weights(router_logits, token_mask, self._temperature(router_temperature))
         # Mixing and redistribution are bmm's batched over (group, position). The weights and tokens are copied once
         # into that layout; every other operand is a strided view that bmm reads without a copy.
         weights = weights.transpose(1, 2).reshape(n_groups * seq_len, group_size, n_experts)
         x = x.transpose(1, 2).reshape(n_groups * seq_len, group_size, d)
         mixed = torch.bmm(weights.transpose(1, 2), x).transpose(0, 1)  # (n_experts, n_groups * seq_len, d)
-        hidden = torch.bmm(mixed, self.w_in)
-        if self.b_in is not None:
-            hidden = hidden + self.b_in[:, None, :]
-        # In place for ReLU (saves a buffer): its backward needs only its output, bmm's backward not `hidden`.
-        hidden = torch.relu_(hidden) if type(self.act) is nn.ReLU else self.act(hidden)
-        expert_out = torch.bmm(hidden, self.w_out)
-        if self.b_out is not None:
-            expert_out = expert_out + self.b_out[:, None, :]
-        update = torch.bmm(weights, expert_out.transpose(0, 1))  # (n_groups * seq_len, group_size, d)
+        update = torch.bmm(weights, self.experts(mixed).transpose(0, 1))  # (n_groups * seq_len, group_size, d)
 
         update = update.view(n_groups, seq_len, group_size, d).transpose(1, 2).reshape(n_slots, seq_len, d)
         router_logits = router_logits.view(n_slots, seq_len, n_experts)
@@ -181,8 +197,130 @@ class MoTLayer(nn.Module):
         return 0.0 if temperature == 0 else max(temperature, TINY_TEMPERATURE)
 
 
+def check_token_mask(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The `(batch_size, seq_len)` bool mask of real tokens (all True for None), after checking its shape."""
+    batch_size, seq_len = hidden_states.shape[:2]
+    if attention_mask is None:
+        return torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
+    if attention_mask.shape != (batch_size, seq_len):
+        raise ValueError(
+            f"`attention_mask` of an expert layer must have shape (batch_size, seq_len) = {(batch_size, seq_len)}, "
+            f"got {tuple(attention_mask.shape)}."
+        )
+    return attention_mask.bool()
+
+
+class TokenChoiceLayer(ExpertLayer):
+    """Token Choice MoE (Switch / Mixtral style): each real token goes to its `num_experts_per_tok` most probable
+    experts, with gates renormalized over them when it is above 1. An expert takes at most
+    `ceil(capacity_factor * n_real_tokens * num_experts_per_tok / n_experts)` assignments of the batch: earlier
+    positions first and, within a position, first choices before second ones; the rest are dropped (no update).
+    That keeps the layer causal, but the capacity depends on the batch's token count, so cached decoding matches a
+    full forward pass only without a limit (`capacity_factor=None`). The load-balancing loss is computed by the
+    model from the router logits."""
+
+    def __init__(self, config: MoTGPTConfig):
+        super().__init__(config)
+        self.num_experts_per_tok = config.num_experts_per_tok
+        self.capacity_factor = config.capacity_factor
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, router_temperature=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`hidden_states` `(batch_size, seq_len, n_embd)`, 0/1 `attention_mask` `(batch_size, seq_len)` ->
+        the update `(batch_size, seq_len, n_embd)` and the router logits `(batch_size, seq_len, n_experts)`.
+        `router_temperature` is accepted for a common signature and ignored."""
+        # Position-major order (all rows' tokens at position 0 first): capacity then goes to earlier positions
+        # first, so what is dropped at a position never depends on later tokens and the model stays causal.
+        real = check_token_mask(attention_mask, hidden_states).T.flatten()
+        x = hidden_states.transpose(0, 1).flatten(0, 1)  # (n_tokens, d)
+        n_experts, n_tokens, k = self.w_in.shape[0], x.shape[0], self.num_experts_per_tok
+        router_logits = x @ self.controller
+        gates, chosen = torch.softmax(
+            router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)), dim=-1
+        ).topk(k, dim=-1)  # (n_tokens, k)
+        if k > 1:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        # Assignments in priority order: position by position; within one, all rows' first choices, then second...
+        seq_len, batch_size = hidden_states.shape[1], hidden_states.shape[0]
+
+        def priority_order(per_token: torch.Tensor) -> torch.Tensor:  # (n_tokens, k) -> (seq_len * k * batch,)
+            return per_token.view(seq_len, batch_size, k).transpose(1, 2).flatten()
+
+        expert = priority_order(chosen)
+        token = priority_order(torch.arange(n_tokens, device=x.device)[:, None].expand(-1, k))
+        valid = priority_order(real[:, None].expand(-1, k))
+        gates = priority_order(gates)
+        one_hot = nn.functional.one_hot(expert, n_experts) * valid[:, None]
+        slot = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # position of each assignment in its expert
+        n_real = int(real.sum())
+        if self.capacity_factor is None:
+            capacity = max(n_real, 1)
+        else:
+            capacity = max(1, math.ceil(self.capacity_factor * n_real * k / n_experts))
+        kept = valid & (slot < capacity)
+        flat_slot = (expert * capacity + slot)[kept]
+        dispatched = x.new_zeros(n_experts * capacity, x.shape[-1]).index_copy(0, flat_slot, x[token[kept]])
+        outputs = self.experts(dispatched.view(n_experts, capacity, -1)).flatten(0, 1)[flat_slot]
+        weighted = outputs * gates[kept, None].to(outputs.dtype)
+        update = x.new_zeros(x.shape).index_add(0, token[kept], weighted)
+        update = update.view(seq_len, batch_size, -1).transpose(0, 1)
+        return self.dropout(update), router_logits.view(seq_len, batch_size, -1).transpose(0, 1)
+
+
+class ExpertChoiceLayer(ExpertLayer):
+    """Expert Choice MoE within MoT's groups: at every position, the `group_size` tokens of a group of rows are
+    offered to the experts, and each expert takes its best
+    `ceil(capacity_factor * group_size * num_experts_per_tok / n_experts)` real tokens (by the softmax over experts
+    of the router logits), weighting its output by that score. Choosing among the rows of one position keeps the
+    model causal; a smaller last group offers fewer tokens."""
+
+    def __init__(self, config: MoTGPTConfig):
+        super().__init__(config)
+        factor = 1.0 if config.capacity_factor is None else config.capacity_factor
+        self.capacity = min(
+            config.group_size, math.ceil(factor * config.group_size * config.num_experts_per_tok / config.n_experts)
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, router_temperature=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shapes as in [`TokenChoiceLayer.forward`]; `router_temperature` is ignored."""
+        real = check_token_mask(attention_mask, hidden_states)
+        batch_size, seq_len, d = hidden_states.shape
+        n_groups = -(-batch_size // self.group_size)
+        pad = n_groups * self.group_size - batch_size
+        x = nn.functional.pad(hidden_states, (0, 0, 0, 0, 0, pad)).view(n_groups, self.group_size, seq_len, d)
+        real = nn.functional.pad(real, (0, 0, 0, pad), value=False).view(n_groups, self.group_size, seq_len, 1)
+        router_logits = x @ self.controller  # (n_groups, group_size, seq_len, n_experts)
+        scores = torch.softmax(
+            router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)), dim=-1
+        ).masked_fill(~real, -1.0)  # padding is chosen last
+        top_scores, chosen = scores.topk(self.capacity, dim=1)  # (n_groups, capacity, seq_len, n_experts)
+        gates = top_scores.clamp_min(0.0).to(x.dtype)  # a padding token, if chosen, contributes nothing
+        # Row index of each chosen token in x flattened to (n_groups * group_size * seq_len, d).
+        group_start = torch.arange(n_groups, device=x.device).view(-1, 1, 1, 1) * self.group_size
+        position = torch.arange(seq_len, device=x.device).view(1, 1, -1, 1)
+        rows = ((group_start + chosen) * seq_len + position).permute(3, 0, 1, 2).flatten(1)  # (n_experts, picks)
+        x_flat = x.reshape(-1, d)
+        outputs = self.experts(x_flat[rows]) * gates.permute(3, 0, 1, 2).flatten(1)[..., None]
+        update = torch.zeros_like(x_flat).index_add(0, rows.flatten(), outputs.flatten(0, 1))
+        update = update.view(n_groups * self.group_size, seq_len, d)[:batch_size]
+        router_logits = router_logits.reshape(-1, seq_len, router_logits.shape[-1])[:batch_size]
+        return self.dropout(update), router_logits
+
+
+EXPERT_LAYERS = {
+    "mot": MoTLayer,
+    "uniform_mot": MoTLayer,
+    "token_choice": TokenChoiceLayer,
+    "expert_choice": ExpertChoiceLayer,
+}
+
+
 class MoTGPTBlock(GradientCheckpointingLayer):
-    """A GPT-2 block whose MLP is a [`MoTLayer`] when `layer_idx` is in `config.mot_layer_indices`."""
+    """A GPT-2 block whose MLP is the expert layer of `config.ffn_type` (a [`MoTLayer`] by default) when `layer_idx`
+    is in `config.mot_layer_indices`, and GPT-2's dense MLP otherwise."""
 
     def __init__(self, config: MoTGPTConfig, layer_idx: int):
         super().__init__()
@@ -190,7 +328,7 @@ class MoTGPTBlock(GradientCheckpointingLayer):
         self.attn = GPT2Attention(config=config, layer_idx=layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.is_mot = layer_idx in config.mot_layer_indices
-        self.mlp = MoTLayer(config) if self.is_mot else GPT2MLP(config.d_ff, config)
+        self.mlp = EXPERT_LAYERS[config.ffn_type](config) if self.is_mot else GPT2MLP(config.d_ff, config)
         for projection in (self.attn.c_proj, None if self.is_mot else self.mlp.c_proj):
             if projection is not None:
                 projection.writes_residual = True
@@ -237,7 +375,7 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {
         "hidden_states": MoTGPTBlock,
         "attentions": OutputRecorder(GPT2Attention, layer_name=".attn", index=1),
-        "router_logits": OutputRecorder(MoTLayer, index=1),
+        "router_logits": OutputRecorder(ExpertLayer, index=1),
     }
 
     @torch.no_grad()
@@ -253,18 +391,20 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        if isinstance(module, MoTLayer):
+        if isinstance(module, ExpertLayer):
             # The paper's init: truncated normal, std = sqrt(scale / fan_in), cut at two standard deviations.
             for weight, fan_in in (
                 (module.controller, config.n_embd),
                 (module.w_in, config.n_embd),
                 (module.w_out, config.expert_size_resolved),
             ):
-                std = math.sqrt(config.mot_init_scale / fan_in)
-                init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+                if weight is not None:
+                    std = math.sqrt(config.mot_init_scale / fan_in)
+                    init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
             if module.b_in is not None:
                 init.zeros_(module.b_in)
                 init.zeros_(module.b_out)
+        if isinstance(module, MoTLayer):
             if module.log_temperature is not None:
                 init.constant_(module.log_temperature, math.log(config.router_temperature))
 
@@ -393,7 +533,8 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
 
         Returns:
             [`~transformers.modeling_outputs.MoeCausalLMOutputWithPast`] with `logits` `(batch_size, kept, vocab)`.
-            MoT needs no load-balancing loss, so `aux_loss` is None.
+            MoT needs no load-balancing loss: `aux_loss` is set (and added to the loss) only for Token Choice layers
+            with `output_router_logits`.
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -412,8 +553,22 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        aux_loss = None
+        if output_router_logits and self.config.ffn_type == "token_choice" and outputs.router_logits:
+            # Switch's load-balancing loss; MoT and Expert Choice are balanced by construction and need none.
+            seq_len = outputs.router_logits[0].shape[1]
+            mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
+            aux_loss = load_balancing_loss_func(
+                tuple(r.flatten(0, 1) for r in outputs.router_logits),
+                self.config.n_experts,
+                self.config.num_experts_per_tok,
+                mask,
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
         return MoeCausalLMOutputWithPast(
             loss=loss,
+            aux_loss=aux_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
@@ -559,4 +714,14 @@ class FillerForcing(LogitsProcessor):
         return torch.cat([grouped[:, :1], forced], dim=1).view_as(scores)
 
 
-__all__ = ["FillerForcing", "MoTLayer", "MoTGPTPreTrainedModel", "MoTGPTModel", "MoTGPTForCausalLM", "mixing_weights"]
+__all__ = [
+    "ExpertChoiceLayer",
+    "ExpertLayer",
+    "FillerForcing",
+    "MoTLayer",
+    "TokenChoiceLayer",
+    "MoTGPTPreTrainedModel",
+    "MoTGPTModel",
+    "MoTGPTForCausalLM",
+    "mixing_weights",
+]
