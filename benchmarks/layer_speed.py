@@ -1,11 +1,12 @@
-"""Forward + backward time of a MoT layer against the FLOP-matched dense GPT-2 MLP (fp32, CPU or CUDA).
+"""Forward + backward time of each expert layer (MoT, uniform MoT, Token Choice, Expert Choice) against the FLOP-matched
+dense GPT-2 MLP (fp32, CPU or CUDA).
 
-A benchmark, not a test. Both layers are built from the same `MoTGPTConfig` (dropout 0); `expert_size=None` gives
-the MoT layer the same expert FLOPs per token as the dense MLP (`group_size * 4d / n_experts` wide experts), and the
-dense MLP uses the experts' activation so that only the layer structure differs. Candidates are interleaved within
-each repeat (alternating their order); after warm-up, the median time of each and the median of the per-repeat
-ratios mot / dense are reported. A repeat during which other processes used the CPU is redone (up to 3 * repeats
-times; the JSON counts them as `discarded_rounds`).
+A benchmark, not a test. All layers are built from the same `MoTGPTConfig` (dropout 0) with `expert_size=None`,
+so each spends the dense MLP's expert FLOPs per token (MoT experts `group_size * 4d / n_experts` wide, Token and
+Expert Choice experts `4d` wide with one expert per token); the dense MLP uses the experts' activation so that only
+the layer structure differs. Candidates are interleaved within each repeat (alternating their order); after
+warm-up, the median time of each and the median of the per-repeat ratios to dense are reported. A repeat during
+which other processes used the CPU is redone (up to 3 * repeats times; the JSON counts them as `discarded_rounds`).
 
 Usage, from the repository root:
     .venv/bin/python benchmarks/layer_speed.py [--repeats 10] [--tokens 8192] [--out benchmarks/results/...json]
@@ -28,17 +29,35 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP  # noqa: E402
 
-from mixture_of_tokens import MoTGPTConfig, MoTLayer  # noqa: E402
+from mixture_of_tokens import MoTGPTConfig  # noqa: E402
+from mixture_of_tokens.modeling_mot import EXPERT_LAYERS  # noqa: E402
 
 GROUP_SIZE = 32
 SETTINGS = [(256, 32), (256, 256), (512, 32), (512, 256)]  # (n_embd, n_experts)
 QUICK_SETTINGS = [(64, 8), (64, 32)]
 
 
-def build_layers(d: int, n_experts: int) -> dict[str, nn.Module]:
-    config = MoTGPTConfig(n_embd=d, n_head=8, n_layer=1, n_experts=n_experts, group_size=GROUP_SIZE, resid_pdrop=0.0)
+LAYER_TYPES = ("mot", "uniform_mot", "token_choice", "expert_choice")
+
+
+def build_layers(d: int, n_experts: int, layer_types: tuple[str, ...] = LAYER_TYPES) -> dict[str, nn.Module]:
+    """The dense MLP and each expert layer type, FLOP-matched (Token/Expert Choice with one expert per token)."""
+    layers: dict[str, nn.Module] = {}
+    for ffn_type in layer_types:
+        if ffn_type == "expert_choice" and GROUP_SIZE < n_experts:
+            continue  # fewer than one token per expert and group: not FLOP-matched, refused by the config
+        config = MoTGPTConfig(
+            n_embd=d,
+            n_head=8,
+            n_layer=1,
+            n_experts=n_experts,
+            group_size=GROUP_SIZE,
+            resid_pdrop=0.0,
+            ffn_type=ffn_type,
+        )
+        layers[ffn_type] = EXPERT_LAYERS[ffn_type](config)
     config.activation_function = config.expert_activation
-    layers = {"mot": MoTLayer(config), "dense": GPT2MLP(config.d_ff, config)}
+    layers["dense"] = GPT2MLP(config.d_ff, config)
     with torch.no_grad():
         for layer in layers.values():
             for param in layer.parameters():
@@ -79,12 +98,14 @@ def timed(step: Callable[[], None], device: str) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
-def time_setting(d: int, n_experts: int, batch: int, seq_len: int, repeats: int, warmup: int) -> dict[str, float]:
+def time_setting(
+    d: int, n_experts: int, batch: int, seq_len: int, repeats: int, warmup: int, layer_types: tuple[str, ...]
+) -> dict[str, object]:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(batch, seq_len, d, device=device, requires_grad=True)
     grad = torch.randn(batch, seq_len, d, device=device)
-    layers = build_layers(d, n_experts)
+    layers = build_layers(d, n_experts, layer_types)
     steps = {name: make_step(layer.to(device), x, grad) for name, layer in layers.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
     done = discarded = 0
@@ -100,16 +121,17 @@ def time_setting(d: int, n_experts: int, batch: int, seq_len: int, repeats: int,
             for name, ms in round_ms.items():
                 times[name].append(ms)
         done += 1
-    mot, dense = statistics.median(times["mot"]), statistics.median(times["dense"])
-    # The median of the per-repeat ratios cancels drifts of the machine's speed better than a ratio of medians.
-    ratio = statistics.median(a / b for a, b in zip(times["mot"], times["dense"], strict=True))
     return {
         "n_embd": d,
         "n_experts": n_experts,
-        "expert_size": layers["mot"].w_in.shape[-1],
-        "mot_ms": round(mot, 3),
-        "dense_ms": round(dense, 3),
-        "ratio": round(ratio, 4),
+        "expert_size": {name: layer.w_in.shape[-1] for name, layer in layers.items() if name != "dense"},
+        "ms": {name: round(statistics.median(t), 3) for name, t in times.items()},
+        # The median of the per-repeat ratios cancels drifts of the machine's speed better than a ratio of medians.
+        "ratio_to_dense": {
+            name: round(statistics.median(a / b for a, b in zip(t, times["dense"], strict=True)), 4)
+            for name, t in times.items()
+            if name != "dense"
+        },
         "discarded_rounds": discarded,
     }
 
@@ -141,13 +163,18 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"d={r['n_embd']}\nE={r['n_experts']}" for r in results]
-    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(results), 3.5))
-    bars = ax.bar(labels, [r["ratio"] for r in results], color="tab:blue")
-    ax.bar_label(bars, fmt="%.2f")
+    names = list(dict.fromkeys(name for r in results for name in r["ratio_to_dense"]))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(results), 3.8))
+    for i, name in enumerate(names):
+        positions = [j + (i - (len(names) - 1) / 2) * width for j in range(len(results))]
+        bars = ax.bar(positions, [r["ratio_to_dense"].get(name, 0) for r in results], width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(results)), labels)
     ax.axhline(1.0, color="gray", linewidth=1)
-    ax.set_ylim(0, 1.15 * max(r["ratio"] for r in results))
-    ax.set_ylabel("time MoT / dense (fwd + bwd)")
-    ax.set_title(f"MoT layer / FLOP-matched dense MLP\ngroup_size {GROUP_SIZE}, fp32", fontsize=10)
+    ax.set_ylabel("time / dense MLP (fwd + bwd)")
+    ax.set_title(f"expert layers / FLOP-matched dense MLP, group_size {GROUP_SIZE}, fp32", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -162,6 +189,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", type=Path, help="default benchmarks/results/layer_speed[_quick].json")
     parser.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
+    parser.add_argument("--layers", nargs="+", default=list(LAYER_TYPES), choices=LAYER_TYPES)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = SETTINGS
@@ -172,15 +200,12 @@ def main() -> None:
 
     results = []
     for d, n_experts in settings:
-        result = time_setting(d, n_experts, batch, args.seq_len, args.repeats, args.warmup)
+        result = time_setting(d, n_experts, batch, args.seq_len, args.repeats, args.warmup, tuple(args.layers))
         results.append(result)
-        print(
-            f"d={d:4d} E={n_experts:4d}  mot {result['mot_ms']:9.2f} ms  dense {result['dense_ms']:9.2f} ms  "
-            f"ratio {result['ratio']:.3f}",
-            flush=True,
-        )
+        ratios = "  ".join(f"{name} {ratio:.3f}" for name, ratio in result["ratio_to_dense"].items())
+        print(f"d={d:4d} E={n_experts:4d}  dense {result['ms']['dense']:8.2f} ms  / dense: {ratios}", flush=True)
     report = {
-        "benchmark": "MoTLayer vs GPT2MLP, forward + backward, fp32",
+        "benchmark": "expert layers vs GPT2MLP, forward + backward, fp32",
         "batch_size": batch,
         "seq_len": args.seq_len,
         "group_size": GROUP_SIZE,

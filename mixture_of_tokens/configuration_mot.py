@@ -134,6 +134,14 @@ class MoTGPTConfig(GPT2Config):
             )
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"`capacity_factor` must be None (no limit) or > 0, got {self.capacity_factor!r}.")
+        picks = (self.capacity_factor or 1.0) * self.group_size * self.num_experts_per_tok / self.n_experts
+        if self.ffn_type == "expert_choice" and picks < 1:
+            raise ValueError(
+                f"`ffn_type='expert_choice'` with group_size={self.group_size}, num_experts_per_tok="
+                f"{self.num_experts_per_tok}, capacity_factor={self.capacity_factor} and n_experts={self.n_experts} "
+                f"gives each expert {picks:g} tokens per group; it needs at least 1 (otherwise every expert still "
+                "takes one and the layer spends more FLOPs than the dense MLP). Raise group_size or lower n_experts."
+            )
         if (
             self.expert_size is None
             and self.ffn_type in ("token_choice", "expert_choice")

@@ -77,7 +77,7 @@ def test_token_choice_drops_tokens_beyond_capacity():
     assert processed <= 4 * math.ceil(0.25 * B * S / 4) < B * S
 
 
-@pytest.mark.parametrize(("k", "capacity_factor"), [(1, 1.0), (2, 1.0), (1, 2.0)])
+@pytest.mark.parametrize(("k", "capacity_factor"), [(2, 1.0), (4, 1.0), (1, 2.0)])
 def test_expert_choice_picks_per_group_and_equals_a_loop(k, capacity_factor):
     layer = make_layer(ffn_type="expert_choice", num_experts_per_tok=k, capacity_factor=capacity_factor)
     assert layer.capacity == min(3, math.ceil(capacity_factor * 3 * k / 4))
@@ -89,7 +89,7 @@ def test_expert_choice_picks_per_group_and_equals_a_loop(k, capacity_factor):
 
 @pytest.mark.parametrize("ffn_type", ["token_choice", "expert_choice", "uniform_mot"])
 def test_masked_tokens_get_nothing_and_change_nothing(ffn_type):
-    layer = make_layer(ffn_type=ffn_type)
+    layer = make_layer(ffn_type=ffn_type, num_experts_per_tok=2)
     x, mask = torch.randn(B, S, D, dtype=torch.float64), padding_mask()
     changed = torch.where(mask.bool()[..., None], x, 50 * torch.randn_like(x))
     out, out_changed = layer(x, attention_mask=mask)[0], layer(changed, attention_mask=mask)[0]
@@ -153,3 +153,8 @@ def test_token_choice_aux_loss_reaches_the_model_loss():
 def test_invalid_baseline_fields_are_refused(overrides, field):
     with pytest.raises(ValueError, match=f"`{field}"):
         tiny_config(**overrides)
+
+
+def test_expert_choice_needs_a_token_per_expert_and_group():
+    with pytest.raises(ValueError, match="needs at least 1"):
+        tiny_config(ffn_type="expert_choice", n_experts=8, expert_size=16)  # groups of 3 rows, 8 experts
