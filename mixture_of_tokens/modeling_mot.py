@@ -79,6 +79,18 @@ def mixing_weights(
     return (weights * token_mask).to(router_logits.dtype)
 
 
+def check_token_mask(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """The `(batch_size, seq_len)` bool mask of real tokens (None stays None: all real), after checking its shape."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != hidden_states.shape[:2]:
+        raise ValueError(
+            f"`attention_mask` of an expert layer must have shape (batch_size, seq_len) = "
+            f"{tuple(hidden_states.shape[:2])}, got {tuple(attention_mask.shape)}."
+        )
+    return attention_mask.bool()
+
+
 class ExpertLayer(nn.Module):
     """What every expert layer here shares: a controller (router) `(n_embd, n_experts)` and stacked expert MLPs
     `w_in` `(n_experts, n_embd, f)`, `w_out` `(n_experts, f, n_embd)`, with `expert_bias` also `b_in` `(n_experts, f)`
@@ -98,6 +110,22 @@ class ExpertLayer(nn.Module):
             self.b_in = self.b_out = None
         self.act = ACT2FN[config.expert_activation]
         self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def to_groups(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cut the batch into groups of `group_size` consecutive rows: `(n_groups, group_size, seq_len, n_embd)`, and
+        the mask `(n_groups, group_size, seq_len, 1)`. The empty slots of a smaller last group are padding, masked;
+        the mask stays None when every token is real and every group full."""
+        batch_size, seq_len, d = hidden_states.shape
+        pad = -batch_size % self.group_size
+        if pad:
+            if token_mask is None:
+                token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
+            hidden_states = nn.functional.pad(hidden_states, (0, 0, 0, 0, 0, pad))
+            token_mask = nn.functional.pad(token_mask, (0, 0, 0, pad), value=False)
+        x = hidden_states.view(-1, self.group_size, seq_len, d)
+        return x, None if token_mask is None else token_mask.view(-1, self.group_size, seq_len, 1)
 
     def experts(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each expert's MLP on its own tokens: `(n_experts, n_tokens, n_embd)` -> the same shape."""
@@ -146,29 +174,15 @@ class MoTLayer(ExpertLayer):
         """
         check_router_temperature(router_temperature)
         batch_size, seq_len, d = hidden_states.shape
-        if attention_mask is not None and attention_mask.shape != (batch_size, seq_len):
-            raise ValueError(
-                f"`attention_mask` of a MoT layer must have shape (batch_size, seq_len) = {(batch_size, seq_len)}, "
-                f"got {tuple(attention_mask.shape)}."
-            )
-        group_size, n_experts = self.group_size, self.w_in.shape[0]
-        n_groups = -(-batch_size // group_size)
-        n_slots = n_groups * group_size
+        n_experts = self.w_in.shape[0]
+        token_mask = check_token_mask(attention_mask, hidden_states)  # None: the cheap path, e.g. packed training
         x = hidden_states
-        token_mask = None  # every token real, every group full: the cheap path (e.g. training on packed blocks)
-        if attention_mask is not None:
-            token_mask = attention_mask.bool()
+        if token_mask is not None:
             # Zero weight times a non-finite padding state would still be NaN: clear masked tokens first.
             x = x.masked_fill(~token_mask[..., None], 0.0)
-        if n_slots != batch_size:
-            # The empty slots of the last group are masked, so they take no softmax mass.
-            if token_mask is None:
-                token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=x.device)
-            x = nn.functional.pad(x, (0, 0, 0, 0, 0, n_slots - batch_size))
-            token_mask = nn.functional.pad(token_mask, (0, 0, 0, n_slots - batch_size), value=False)
-        x = x.view(n_groups, group_size, seq_len, d)
-        if token_mask is not None:
-            token_mask = token_mask.view(n_groups, group_size, seq_len, 1)
+        x, token_mask = self.to_groups(x, token_mask)
+        n_groups, group_size = x.shape[:2]
+        n_slots = n_groups * group_size
 
         if self.controller is None:
             router_logits = x.new_zeros(*x.shape[:-1], n_experts)
@@ -197,19 +211,6 @@ class MoTLayer(ExpertLayer):
         return 0.0 if temperature == 0 else max(temperature, TINY_TEMPERATURE)
 
 
-def check_token_mask(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor:
-    """The `(batch_size, seq_len)` bool mask of real tokens (all True for None), after checking its shape."""
-    batch_size, seq_len = hidden_states.shape[:2]
-    if attention_mask is None:
-        return torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
-    if attention_mask.shape != (batch_size, seq_len):
-        raise ValueError(
-            f"`attention_mask` of an expert layer must have shape (batch_size, seq_len) = {(batch_size, seq_len)}, "
-            f"got {tuple(attention_mask.shape)}."
-        )
-    return attention_mask.bool()
-
-
 class TokenChoiceLayer(ExpertLayer):
     """Token Choice MoE (Switch / Mixtral style): each real token goes to its `num_experts_per_tok` most probable
     experts, with gates renormalized over them when it is above 1. An expert takes at most
@@ -232,7 +233,8 @@ class TokenChoiceLayer(ExpertLayer):
         `router_temperature` is accepted for a common signature and ignored."""
         # Position-major order (all rows' tokens at position 0 first): capacity then goes to earlier positions
         # first, so what is dropped at a position never depends on later tokens and the model stays causal.
-        real = check_token_mask(attention_mask, hidden_states).T.flatten()
+        mask = check_token_mask(attention_mask, hidden_states)
+        real = (torch.ones_like(hidden_states[..., 0], dtype=torch.bool) if mask is None else mask).T.flatten()
         x = hidden_states.transpose(0, 1).flatten(0, 1)  # (n_tokens, d)
         n_experts, n_tokens, k = self.w_in.shape[0], x.shape[0], self.num_experts_per_tok
         router_logits = x @ self.controller
@@ -286,16 +288,13 @@ class ExpertChoiceLayer(ExpertLayer):
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, router_temperature=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Shapes as in [`TokenChoiceLayer.forward`]; `router_temperature` is ignored."""
-        real = check_token_mask(attention_mask, hidden_states)
         batch_size, seq_len, d = hidden_states.shape
-        n_groups = -(-batch_size // self.group_size)
-        pad = n_groups * self.group_size - batch_size
-        x = nn.functional.pad(hidden_states, (0, 0, 0, 0, 0, pad)).view(n_groups, self.group_size, seq_len, d)
-        real = nn.functional.pad(real, (0, 0, 0, pad), value=False).view(n_groups, self.group_size, seq_len, 1)
+        x, real = self.to_groups(hidden_states, check_token_mask(attention_mask, hidden_states))
+        n_groups = x.shape[0]
         router_logits = x @ self.controller  # (n_groups, group_size, seq_len, n_experts)
-        scores = torch.softmax(
-            router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)), dim=-1
-        ).masked_fill(~real, -1.0)  # padding is chosen last
+        scores = torch.softmax(router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)), dim=-1)
+        if real is not None:
+            scores = scores.masked_fill(~real, -1.0)  # padding is chosen last
         top_scores, chosen = scores.topk(self.capacity, dim=1)  # (n_groups, capacity, seq_len, n_experts)
         gates = top_scores.clamp_min(0.0).to(x.dtype)  # a padding token, if chosen, contributes nothing
         # Row index of each chosen token in x flattened to (n_groups * group_size * seq_len, d).
