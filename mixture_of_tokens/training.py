@@ -270,11 +270,8 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
         kept = [r for r in read_metrics(output_dir) if r["step"] <= resumed_step]
         (output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    train_text = load_text(script.corpus[0] if len(script.corpus) == 1 else script.corpus)
-    if script.validation:
-        validation_text = load_text(script.validation[0] if len(script.validation) == 1 else script.validation)
-    else:
-        validation_text = load_sotu()["validation"]
+    train_text = load_text(script.corpus)
+    validation_text = load_text(script.validation) if script.validation else load_sotu()["validation"]
     # The first process trains the tokenizer and fills the block cache; the others then read them.
     with args.main_process_first(desc="tokenizer and packed blocks"):
         tokenizer = load_tokenizer(script, train_text["text"], output_dir, args.process_index == 0)

@@ -48,7 +48,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         max_blocks=args.max_blocks,
         router_temperature=args.router_temperature,
         data_cache_dir=args.data_cache_dir,
-        extra_text=load_text(args.text[0] if len(args.text) == 1 else args.text) if args.text else None,
+        extra_text=load_text(args.text) if args.text else None,
     )
     return results
 

@@ -85,11 +85,11 @@ def main() -> None:
     report.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    runs, results, samples = {}, {}, {}
+    runs, models, results, samples = {}, {}, {}, {}
     for preset in args.presets:
         tick = time.time()
         runs[preset] = train_or_reuse(preset, args)
-        model = AutoModelForCausalLM.from_pretrained(runs[preset])
+        model = models[preset] = AutoModelForCausalLM.from_pretrained(runs[preset])
         tokenizer = AutoTokenizer.from_pretrained(runs[preset])
         is_mot = bool(model.config.mot_layer_indices)
         groupings = ("batch", "single", "fillers") if is_mot else ("batch",)
@@ -126,11 +126,11 @@ def main() -> None:
         "8,192 tokens, AdamW (lr 7e-4, cosine to 10%, weight decay 0.1, clipping 0.5)."
     )
     card = render_model_card(
-        AutoModelForCausalLM.from_pretrained(runs[mot]),
+        models[mot],
         results[mot],
         repo_id=f"your-org/{mot}",
         training_details=training_details,
-        dense_twin=AutoModelForCausalLM.from_pretrained(runs[dense]),
+        dense_twin=models[dense],
     )
     card.save(report / "model_card.md")
     print(f"[main] report written to {report}/ in {results['total_seconds']} s")
