@@ -62,6 +62,11 @@ class MoTGPTConfig(GPT2Config):
             Token Choice: an expert takes at most `ceil(capacity_factor * tokens * num_experts_per_tok /
             n_experts)` tokens of a batch; later ones are dropped (their update is 0); `None` means no limit.
             Expert Choice: see `num_experts_per_tok`.
+        norm_topk_prob (`bool`, *optional*):
+            Token Choice: whether a token's gates (the router probabilities of its chosen experts) are renormalized
+            to sum to 1. `None` (default) renormalizes when `num_experts_per_tok > 1` (Mixtral) and keeps the raw
+            probability for a single expert (Switch, whose router then learns through its gate). `True` always
+            renormalizes (with one expert the gate is 1, as transition tuning uses it); `False` never does.
         router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
             Token Choice: weight of the Switch load-balancing loss added to the language-modeling loss when
             `output_router_logits` is on.
@@ -94,6 +99,7 @@ class MoTGPTConfig(GPT2Config):
     ffn_type: str = "mot"
     num_experts_per_tok: int = 1
     capacity_factor: float | int | None = 1.0
+    norm_topk_prob: bool | None = None
     router_aux_loss_coef: float | int = 0.01
     output_router_logits: bool = False
 
@@ -134,6 +140,11 @@ class MoTGPTConfig(GPT2Config):
             )
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"`capacity_factor` must be None (no limit) or > 0, got {self.capacity_factor!r}.")
+        if self.norm_topk_prob is not None and not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(
+                f"`norm_topk_prob` must be None (renormalize when num_experts_per_tok > 1), True or False, "
+                f"got {self.norm_topk_prob!r}."
+            )
         picks = (self.capacity_factor or 1.0) * self.group_size * self.num_experts_per_tok / self.n_experts
         if self.ffn_type == "expert_choice" and picks < 1:
             raise ValueError(

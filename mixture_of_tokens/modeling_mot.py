@@ -213,7 +213,8 @@ class MoTLayer(ExpertLayer):
 
 class TokenChoiceLayer(ExpertLayer):
     """Token Choice MoE (Switch / Mixtral style): each real token goes to its `num_experts_per_tok` most probable
-    experts, with gates renormalized over them when it is above 1. An expert takes at most
+    experts, with gates renormalized over them as `config.norm_topk_prob` says (by default when it is above 1).
+    An expert takes at most
     `ceil(capacity_factor * n_real_tokens * num_experts_per_tok / n_experts)` assignments of the batch: earlier
     positions first and, within a position, first choices before second ones; the rest are dropped (no update).
     That keeps the layer causal, but the capacity depends on the batch's token count, so cached decoding matches a
@@ -224,6 +225,8 @@ class TokenChoiceLayer(ExpertLayer):
         super().__init__(config)
         self.num_experts_per_tok = config.num_experts_per_tok
         self.capacity_factor = config.capacity_factor
+        norm = config.norm_topk_prob
+        self.norm_topk_prob = config.num_experts_per_tok > 1 if norm is None else norm
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, router_temperature=None
@@ -241,7 +244,7 @@ class TokenChoiceLayer(ExpertLayer):
         gates, chosen = torch.softmax(
             router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)), dim=-1
         ).topk(k, dim=-1)  # (n_tokens, k)
-        if k > 1:
+        if self.norm_topk_prob:
             gates = gates / gates.sum(dim=-1, keepdim=True)
         # Assignments in priority order: position by position; within one, all rows' first choices, then second...
         seq_len, batch_size = hidden_states.shape[1], hidden_states.shape[0]
