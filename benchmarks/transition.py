@@ -1,0 +1,198 @@
+"""Transition tuning against temperature annealing: two ways to serve a MoT model without its batch.
+
+A benchmark, not a test. Steps:
+
+1. Train a MoT model (preset `mot-tiny`, blocks of 64 tokens, batch 32, 500 steps by default) or take `--mot_run`.
+2. Validation loss of the MoT model, with evaluation rows grouped as in training (consecutive blocks in groups).
+3. Convert it to Token Choice (`mixture_of_tokens.transition`), evaluate right after the switch, then transition-tune
+   it for N = 10% of the MoT run's steps (`scripts/transition_tune.py`'s path), evaluating every few steps.
+4. Train the annealing path: the same MoT run (same steps, same seed) with `--anneal_temperature true`, evaluated
+   with discrete routing (T = 0).
+
+All losses are mean next-token cross-entropies (nats/token) on the same first `--eval_blocks` validation blocks.
+Writes `--out` (JSON) and a plot beside it. Runs live in `--runs_dir`: a finished run is reused, an interrupted one
+resumed from its last checkpoint.
+
+Usage, from the repository root:
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transition.py               # about 20 minutes on one CPU thread
+    .venv/bin/python benchmarks/transition.py --mot_run runs/mot-tiny --block_size 128   # an existing MoT run
+    .venv/bin/python benchmarks/transition.py --quick   # a tiny smoke run of a few seconds
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mixture_of_tokens.data import head, load_sotu, load_text, pack, sotu_speech_files  # noqa: E402
+from mixture_of_tokens.evaluation import evaluate_perplexity  # noqa: E402
+from mixture_of_tokens.training import parse_args, read_metrics, run_training  # noqa: E402
+from mixture_of_tokens.transition import TRANSITION_DEFAULTS, TransitionArguments, run_transition_tuning  # noqa: E402
+
+TARGET = 0.02  # converted model's validation loss within 2% of the MoT model's after N steps
+QUICK_MODEL = ["n_layer=1", "n_embd=32", "n_head=2", "n_experts=8", "group_size=4"]
+
+
+def parse_benchmark_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mot_run", help="a trained MoTGPT run to start from instead of training one")
+    parser.add_argument("--mot_steps", type=int, help="steps of --mot_run (default: read from its metrics.jsonl)")
+    parser.add_argument("--max_steps", type=int, default=500, help="steps of the MoT and annealed runs")
+    parser.add_argument("--tune_fraction", type=float, default=0.1, help="transition-tuning steps / MoT steps")
+    parser.add_argument("--tune_eval_every", type=int, default=5, help="evaluate every this many tuning steps")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--eval_blocks", type=int, default=512, help="validation blocks in every evaluation")
+    parser.add_argument("--runs_dir", default="runs/transition")
+    parser.add_argument("--out", default="benchmarks/results/transition.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny model, tiny corpus, a few steps")
+    args = parser.parse_args()
+    if args.quick:
+        args.max_steps, args.tune_fraction, args.tune_eval_every = 20, 0.1, 1
+        args.batch_size, args.block_size, args.eval_blocks = 8, 32, 16
+    return args
+
+
+def data_arguments(args: argparse.Namespace) -> list[str]:
+    """Corpus arguments shared by every run: the bundled corpus, or a few speeches in quick mode."""
+    common = ["--block_size", str(args.block_size), "--max_eval_blocks", str(args.eval_blocks)]
+    common += ["--per_device_train_batch_size", str(args.batch_size)]
+    common += ["--per_device_eval_batch_size", str(args.batch_size), "--seed", str(args.seed)]
+    common += ["--disable_tqdm", "true"]
+    if not args.quick:
+        return common
+    files = sotu_speech_files()
+    return common + ["--corpus", *map(str, files[100:103]), "--validation", str(files[-1]), "--vocab_size", "300"]
+
+
+def train_or_reuse(output_dir: Path, argv: list[str], run=run_training) -> Path:
+    """Run `run(*parse_args(argv))` into `output_dir`, resuming from a checkpoint, or reuse a finished run."""
+    if (output_dir / "model.safetensors").exists():
+        print(f"[transition] reusing the finished run {output_dir}")
+        return output_dir
+    resume = output_dir.is_dir() and get_last_checkpoint(str(output_dir)) is not None
+    print(f"[transition] training {output_dir}" + " (resuming)" * resume)
+    run(*parse_args(argv + ["--output_dir", str(output_dir), "--resume", str(resume).lower()]))
+    return output_dir
+
+
+def mot_arguments(args: argparse.Namespace) -> list[str]:
+    every = str(max(1, args.max_steps // 10))
+    argv = ["--preset", "mot-tiny", "--max_steps", str(args.max_steps), "--eval_steps", every, "--save_steps", every]
+    argv += ["--logging_steps", "10"] + data_arguments(args)
+    return argv + (["--model", *QUICK_MODEL] if args.quick else [])
+
+
+def validation_loss(run: Path, blocks, batch_size: int, **kwargs) -> float:
+    model = AutoModelForCausalLM.from_pretrained(run)
+    return evaluate_perplexity(model, blocks, batch_size, **kwargs)["mean_nll"]
+
+
+def evaluation_curve(run: Path) -> list[tuple[int, float]]:
+    return [(record["step"], record["eval_loss"]) for record in read_metrics(run) if "eval_loss" in record]
+
+
+def plot(results: dict, path: Path) -> None:
+    """Left: validation loss along the MoT and annealed runs, with the transition after the MoT run. Right: the
+    transition-tuning steps against the MoT model's loss, the 2% target and the annealed model at T = 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss, mot_steps = results["validation_loss"], results["mot_steps"]
+    tuning = results["tuning_curve"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, style, label in (("mot_curve", "C0o-", "MoT"), ("annealed_curve", "C2o-", "MoT, T annealed to 0")):
+        if results[key]:  # a given --mot_run may have no evaluations logged
+            left.plot(*zip(*results[key], strict=True), style, label=label)
+    left.plot([mot_steps + step for step, _ in tuning], [value for _, value in tuning], "C1.-", label="Token Choice")
+    left.plot([mot_steps], [loss["annealed_t0"]], "C2*", markersize=12, label="annealed, served at T = 0")
+    left.set_title("validation loss along training")
+    right.plot(*zip(*tuning, strict=True), "C1o-", label="converted to Token Choice, tuning")
+    right.axhline(loss["mot"], color="C0", label=f"MoT {loss['mot']:.3f}")
+    right.axhline(loss["mot"] * (1 + TARGET), color="C0", linestyle="--", label="MoT + 2% (target)")
+    right.axhline(loss["annealed_t0"], color="C2", linestyle=":", label=f"annealed at T = 0 {loss['annealed_t0']:.3f}")
+    right.set_title(f"transition tuning ({results['tuning_steps']} steps = 10% of {mot_steps})")
+    right.set_xlabel("transition-tuning step")
+    for ax in (left, right):
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    left.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_benchmark_args()
+    torch.manual_seed(args.seed)
+    runs, started = Path(args.runs_dir), time.time()
+    mot_run = Path(args.mot_run) if args.mot_run else train_or_reuse(runs / "mot", mot_arguments(args))
+    mot_steps = args.mot_steps or max(record["step"] for record in read_metrics(mot_run))
+    tuning_steps = max(1, round(args.tune_fraction * mot_steps))
+    tokenizer = AutoTokenizer.from_pretrained(mot_run)
+    validation = load_text([str(sotu_speech_files()[-1])]) if args.quick else load_sotu()["validation"]
+    blocks = head(pack(validation, tokenizer, args.block_size), args.eval_blocks)
+
+    tune_every = str(args.tune_eval_every)
+    tuned = train_or_reuse(
+        runs / "token-choice",
+        TRANSITION_DEFAULTS
+        + ["--model_name_or_path", str(mot_run), "--max_steps", str(tuning_steps), "--eval_steps", tune_every]
+        + ["--logging_steps", tune_every, "--save_steps", str(tuning_steps)]
+        + data_arguments(args),
+        run=lambda script, training: run_transition_tuning(script, training, TransitionArguments()),
+    )
+    annealed = train_or_reuse(runs / "mot-annealed", mot_arguments(args) + ["--anneal_temperature", "true"])
+
+    print("[transition] evaluating")
+    loss = {
+        "mot": validation_loss(mot_run, blocks, args.batch_size),
+        "mot_t0": validation_loss(mot_run, blocks, args.batch_size, router_temperature=0.0),
+        "after_switch": validation_loss(tuned / "converted", blocks, args.batch_size),
+        "tuned": validation_loss(tuned, blocks, args.batch_size),
+        "annealed_t0": validation_loss(annealed, blocks, args.batch_size, router_temperature=0.0),
+    }
+    # Each block alone (a group of one): MoT changes, the Token Choice model gives its batch loss again.
+    alone = head(blocks, 64)
+    loss_alone = {
+        "mot": validation_loss(mot_run, alone, args.batch_size, grouping="single"),
+        "mot_batch": validation_loss(mot_run, alone, args.batch_size),
+        "tuned": validation_loss(tuned, alone, args.batch_size, grouping="single"),
+        "tuned_batch": validation_loss(tuned, alone, args.batch_size),
+    }
+    results = {
+        "mot_run": str(mot_run),
+        "mot_steps": mot_steps,
+        "tuning_steps": tuning_steps,
+        "batch_size": args.batch_size,
+        "block_size": args.block_size,
+        "eval_blocks": len(blocks),
+        "validation_loss": loss,
+        "tuned_relative_to_mot": loss["tuned"] / loss["mot"] - 1,
+        "target_met": loss["tuned"] <= loss["mot"] * (1 + TARGET),
+        "first_64_blocks_alone_vs_batched": loss_alone,
+        "mot_curve": evaluation_curve(mot_run),
+        "annealed_curve": evaluation_curve(annealed),
+        "tuning_curve": [(0, loss["after_switch"]), *evaluation_curve(tuned)],
+        "seconds": round(time.time() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(json.dumps({key: results[key] for key in ("validation_loss", "tuned_relative_to_mot", "target_met")}))
+
+
+if __name__ == "__main__":
+    main()

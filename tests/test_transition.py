@@ -1,0 +1,313 @@
+"""Transition tuning (MoT -> Token Choice), temperature annealing, and the transition benchmark's quick mode."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lay_out_hub_cache, random_ids, run_without_package, tiny_config
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainerControl, TrainerState
+
+from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM
+from mixture_of_tokens.data import sotu_speech_files, train_bpe_tokenizer
+from mixture_of_tokens.modeling_mot import MoTLayer, TokenChoiceLayer
+from mixture_of_tokens.training import (
+    TemperatureAnnealingCallback,
+    annealed_temperature,
+    check_annealing,
+    parse_args,
+    run_training,
+)
+from mixture_of_tokens.transition import mot_to_token_choice
+
+ROOT = Path(__file__).resolve().parents[1]
+# E 6, G 3, d_ff 128: FLOP-matched MoT experts are 3 * 128 / 6 = 64 wide, so k = 128 / 64 = 2 = E / G.
+CONVERTIBLE = dict(n_experts=6, group_size=3)
+
+
+def mot_model(**overrides) -> MoTGPTForCausalLM:
+    return MoTGPTForCausalLM(tiny_config(**(CONVERTIBLE | overrides))).eval()
+
+
+def perturb_(model: MoTGPTForCausalLM) -> MoTGPTForCausalLM:
+    """Give biases and learned temperatures values away from their init, so that the test sees them."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("b_in", "b_out", "log_temperature"):
+                parameter.normal_(0.0, 0.3)
+    return model
+
+
+def test_conversion_with_all_experts_equals_a_hand_computation_from_the_mot_weights():
+    mot = perturb_(mot_model(expert_bias=True, learnable_temperature="expert").double())
+    converted = mot_to_token_choice(mot, num_experts_per_tok=6, capacity_factor=None)
+    source, layer = mot.transformer.h[0].mlp, converted.transformer.h[0].mlp
+    assert isinstance(source, MoTLayer) and isinstance(layer, TokenChoiceLayer)
+    x = torch.randn(4, 5, 32, dtype=torch.float64)
+
+    probs = torch.softmax(x @ source.controller / source.log_temperature.exp(), dim=-1)  # (4, 5, E)
+    expected = torch.zeros_like(x)
+    for e in range(6):
+        hidden = torch.relu(x @ source.w_in[e] + source.b_in[e])
+        expected += probs[..., e, None] * 6 * (hidden @ source.w_out[e] + source.b_out[e])
+    update, _ = layer(x)
+    torch.testing.assert_close(update, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_conversion_copies_every_other_weight_and_drops_the_temperature():
+    mot = perturb_(mot_model(learnable_temperature="layer", mot_layers=[1]))
+    converted = mot_to_token_choice(mot)
+    before, after = mot.state_dict(), converted.state_dict()
+    changed = {"transformer.h.1.mlp.controller", "transformer.h.1.mlp.w_out"}
+    assert set(before) - set(after) == {"transformer.h.1.mlp.log_temperature"}
+    for name in set(after) - changed:
+        assert torch.equal(after[name], before[name]), name
+    torch.testing.assert_close(after["transformer.h.1.mlp.w_out"], 2 * before["transformer.h.1.mlp.w_out"])
+
+
+def test_default_experts_per_token_is_flop_matched_without_capacity_limit():
+    config = mot_to_token_choice(mot_model()).config
+    assert (config.ffn_type, config.num_experts_per_tok, config.expert_size) == ("token_choice", 2, 64)
+    assert config.capacity_factor is None and config.norm_topk_prob is True
+    assert config.learnable_temperature == "none"
+
+
+def test_a_uniform_mot_layer_becomes_a_zero_router():
+    converted = mot_to_token_choice(mot_model(ffn_type="uniform_mot"))
+    assert torch.equal(converted.transformer.h[0].mlp.controller, torch.zeros(32, 6))
+
+
+def test_norm_topk_prob_true_gives_a_single_expert_gate_one():
+    layer = (
+        MoTGPTForCausalLM(tiny_config(ffn_type="token_choice", capacity_factor=None, norm_topk_prob=True))
+        .transformer.h[0]
+        .mlp
+    )
+    x = torch.randn(3, 4, 32)
+    best = (x @ layer.controller).argmax(-1).flatten()
+    expected = [
+        torch.relu(token @ layer.w_in[e]) @ layer.w_out[e] for token, e in zip(x.view(-1, 32), best, strict=True)
+    ]
+    torch.testing.assert_close(layer(x)[0], torch.stack(expected).view_as(x), rtol=1e-5, atol=1e-6)
+
+
+def test_converted_model_gives_a_row_the_same_logits_alone_and_in_any_batch():
+    mot = mot_model()
+    converted = mot_to_token_choice(mot)
+    ids = random_ids(8, 6)
+    with torch.no_grad():
+        # MoT itself mixes rows: the check below would fail for it.
+        assert not torch.allclose(mot(ids[:1]).logits, mot(ids[:3]).logits[:1], atol=1e-4)
+        alone = converted(ids[:1]).logits
+        for batch in (ids[:3], ids[:5], torch.cat([random_ids(4, 6, seed=7), ids[:1]]), ids):
+            row = (batch == ids[0]).all(dim=1).nonzero()[0, 0]
+            torch.testing.assert_close(converted(batch).logits[row], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_converted_model_keeps_cached_generation_equal_for_a_row_alone_and_in_a_batch():
+    converted = mot_to_token_choice(mot_model())
+    ids = random_ids(5, 4)
+    together = converted.generate(ids, max_new_tokens=6, do_sample=False)
+    alone = converted.generate(ids[3:4], max_new_tokens=6, do_sample=False)
+    assert torch.equal(together[3], alone[0])
+
+
+LOADER = r"""
+import json
+import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("mot-org/tiny-tc", trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(torch.tensor(json.loads(sys.argv[1]))).logits
+print(json.dumps({
+    "ffn_type": model.config.ffn_type,
+    "layer": type(model.transformer.h[0].mlp).__name__,
+    "imported": sorted(m for m in sys.modules if m.startswith("mixture_of_tokens")),
+    "logits": logits.tolist(),
+}))
+"""
+
+
+def test_converted_checkpoint_loads_identically_with_and_without_the_package(tmp_path):
+    converted = mot_to_token_choice(perturb_(mot_model(expert_bias=True, learnable_temperature="expert")))
+    converted.save_pretrained(tmp_path / "saved")
+    ids = random_ids(4, 6)
+    with torch.no_grad():
+        expected = converted(ids).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+
+    lay_out_hub_cache(tmp_path / "saved", tmp_path / "hub", "mot-org/tiny-tc")
+    loaded = json.loads(run_without_package(LOADER, tmp_path / "hub", json.dumps(ids.tolist())).splitlines()[-1])
+    assert (loaded["ffn_type"], loaded["layer"], loaded["imported"]) == ("token_choice", "TokenChoiceLayer", [])
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("make_model", "kwargs", "message"),
+    [
+        (lambda: GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)), {}, "must be a MoTGPTForCausalLM"),
+        (lambda: mot_model(mot_layers=[]), {}, r"no MoT layer to convert \(`mot_layers`=\[\]\)"),
+        (lambda: mot_model(ffn_type="token_choice"), {}, "`model.config.ffn_type` must be one of"),
+        (lambda: MoTGPTForCausalLM(tiny_config()), {}, r"d_ff / expert_size = 128 / 96, which is not a whole"),
+        (mot_model, {"num_experts_per_tok": 7}, r"`num_experts_per_tok` must be an integer in \[1, n_experts=6\]"),
+        (mot_model, {"num_experts_per_tok": 0}, r"`num_experts_per_tok` must be an integer in \[1, n_experts=6\]"),
+        (mot_model, {"capacity_factor": -1.0}, r"`capacity_factor` must be None \(no limit\) or > 0, got -1.0"),
+        (lambda: mot_model(router_temperature=0.0), {}, "`router_temperature` is 0"),
+    ],
+    ids=["not-motgpt", "dense", "token-choice", "k-not-whole", "k-above-E", "k-zero", "capacity", "temperature-0"],
+)
+def test_conversion_refuses_bad_input(make_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mot_to_token_choice(make_model(), **kwargs)
+
+
+def test_config_refuses_a_non_boolean_norm_topk_prob():
+    with pytest.raises(ValueError, match=r"`norm_topk_prob` must be None .*, True or False, got 'yes'"):
+        MoTGPTConfig(norm_topk_prob="yes")
+
+
+# Temperature annealing
+
+
+def test_annealed_temperature_holds_then_follows_a_cosine_to_zero():
+    values = [annealed_temperature(step, 100, 2.0, 0.5) for step in (0, 50, 75, 100)]
+    assert values == [2.0, 2.0, pytest.approx(1.0), 0.0]
+    assert annealed_temperature(60, 100, 2.0, 0.5) > annealed_temperature(61, 100, 2.0, 0.5)
+    assert annealed_temperature(1, 100, 1.0, 1.0) < 1.0
+
+
+def test_annealing_callback_sets_each_layer_from_the_global_step_alone():
+    model = mot_model(router_temperature=1.5)
+    callback = TemperatureAnnealingCallback(start_temperature=1.5, fraction=0.5)
+    # A resumed run enters with the global step of its checkpoint: the schedule continues from there.
+    callback.on_step_begin(None, TrainerState(global_step=30, max_steps=40), TrainerControl(), model=model)
+    expected = annealed_temperature(30, 40, 1.5, 0.5)
+    assert 0 < expected < 1.5
+    assert [block.mlp.temperature for block in model.transformer.h] == [expected, expected]
+    assert model.config.router_temperature == expected
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("corpus")
+    files = sotu_speech_files()
+    (folder / "train.txt").write_text("\n\n".join(f.read_text() for f in files[100:103]))
+    (folder / "valid.txt").write_text(files[-1].read_text())
+    return {"train": str(folder / "train.txt"), "valid": str(folder / "valid.txt"), "cache": str(folder / "cache")}
+
+
+def data_args(corpus) -> list[str]:
+    return [
+        "--corpus", corpus["train"], "--validation", corpus["valid"], "--data_cache_dir", corpus["cache"],
+        "--block_size", "16", "--max_eval_blocks", "6", "--disable_tqdm", "true", "--seed", "3",
+    ]  # fmt: skip
+
+
+def annealing_run(corpus, output_dir: Path, *extra: str) -> list[str]:
+    return (
+        data_args(corpus)
+        + ["--vocab_size", "300", "--output_dir", str(output_dir), "--max_steps", "4", "--save_steps", "2"]
+        + ["--eval_steps", "100", "--per_device_train_batch_size", "6", "--per_device_eval_batch_size", "6"]
+        + ["--model", "n_layer=1", "n_embd=32", "n_head=2", "n_experts=6", "group_size=3"]
+        + ["--anneal_temperature", "true", "--anneal_fraction", "1.0", *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def annealed_run(corpus, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("annealed")
+    run_training(*parse_args(annealing_run(corpus, output_dir)))
+    return output_dir
+
+
+def test_annealed_run_ends_at_temperature_zero_and_saves_it(annealed_run):
+    checkpoint = json.loads((annealed_run / "checkpoint-2" / "config.json").read_text())
+    assert checkpoint["router_temperature"] == pytest.approx(annealed_temperature(2, 4, 1.0, 1.0)) == 0.5
+    assert json.loads((annealed_run / "config.json").read_text())["router_temperature"] == 0
+    assert AutoModelForCausalLM.from_pretrained(annealed_run).transformer.h[0].mlp.temperature == 0
+
+
+def test_resumed_annealed_run_continues_the_schedule(corpus, annealed_run, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((annealed_run / name).read_bytes())
+    shutil.copytree(annealed_run / "checkpoint-2", tmp_path / "checkpoint-2")
+    run_training(*parse_args(annealing_run(corpus, tmp_path, "--resume", "true")))
+    expected, actual = load_file(annealed_run / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert json.loads((tmp_path / "config.json").read_text())["router_temperature"] == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "fraction", "message"),
+    [
+        (tiny_config(learnable_temperature="layer"), 0.5, "needs learnable_temperature='none', got 'layer'"),
+        (tiny_config(ffn_type="token_choice"), 0.5, "got ffn_type='token_choice', mot_layers='all'"),
+        (tiny_config(mot_layers=[]), 0.5, r"got ffn_type='mot', mot_layers=\[\]"),
+        (GPT2Config(), 0.5, "got ffn_type=None, mot_layers=None"),
+        (tiny_config(), 0.0, r"`anneal_fraction` must be in \(0, 1\], got 0.0"),
+    ],
+    ids=["learnable", "token-choice", "dense", "gpt2", "fraction"],
+)
+def test_annealing_refuses_models_it_cannot_anneal(config, fraction, message):
+    with pytest.raises(ValueError, match=message):
+        check_annealing(config, fraction)
+
+
+# The script and the benchmark
+
+
+def load_script(path: str):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_transition_script_converts_and_tunes_a_checkpoint_into_a_token_choice_model(corpus, tmp_path):
+    main = load_script("scripts/transition_tune.py").main
+    tokenizer = train_bpe_tokenizer([Path(corpus["train"]).read_text()], vocab_size=300)
+    mot = mot_model(vocab_size=len(tokenizer), n_positions=16, eos_token_id=tokenizer.eos_token_id)
+    mot.save_pretrained(tmp_path / "mot")
+    tokenizer.save_pretrained(tmp_path / "mot")
+    # A batch of 4 is not a multiple of group_size 3: refused for MoT, fine for the converted model.
+    main(
+        data_args(corpus)
+        + ["--model_name_or_path", str(tmp_path / "mot"), "--output_dir", str(tmp_path / "tuned")]
+        + ["--max_steps", "3", "--eval_steps", "3", "--save_steps", "3", "--learning_rate", "1e-3"]
+        + ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--num_experts_per_tok", "3"]
+    )
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    switched = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned" / "converted")
+    assert (tuned.config.ffn_type, tuned.config.num_experts_per_tok, tuned.config.expert_size) == (
+        "token_choice",
+        3,
+        64,
+    )
+    assert isinstance(tuned.transformer.h[1].mlp, TokenChoiceLayer)
+    assert not torch.equal(tuned.transformer.h[0].mlp.w_in, switched.transformer.h[0].mlp.w_in)
+    assert torch.equal(switched.transformer.h[0].mlp.w_in, mot.transformer.h[0].mlp.w_in)
+    assert (tmp_path / "tuned" / "modeling_mot.py").exists() and (tmp_path / "tuned" / "tokenizer.json").exists()
+    assert any("eval_loss" in json.loads(line) for line in (tmp_path / "tuned" / "metrics.jsonl").open())
+
+
+def test_transition_benchmark_quick_mode_writes_its_results(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "transition.py"), "--quick", "--runs_dir", str(tmp_path)]
+    command += ["--out", str(tmp_path / "transition.json")]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "transition.json").read_text())
+    assert (tmp_path / "transition.png").exists()
+    for key in ("mot", "after_switch", "tuned", "annealed_t0"):
+        assert results["validation_loss"][key] > 0, key
+    steps = [step for step, _ in results["tuning_curve"]]
+    assert steps[0] == 0 and steps[-1] == results["tuning_steps"]
