@@ -15,8 +15,10 @@ CORPORA = {
 def parameter_counts(model) -> tuple[int, int]:
     """Total parameters, and parameters active per token.
 
-    A token only gets its share of an expert's work: each expert processes one mixture per group of G tokens, so
-    `1 / G` of the expert weights is active per token (with the FLOP-matched width, exactly a dense MLP's worth).
+    A token only gets its share of the expert weights. In MoT each expert processes one mixture per group of G
+    tokens, so `1 / G` of the expert weights is active per token (with the FLOP-matched width, exactly a dense MLP's
+    worth). A Token Choice token uses `k / E` of them (k = `num_experts_per_tok`; tokens dropped for capacity
+    ignored); in Expert Choice each expert takes `capacity` of a group's G tokens, so `capacity / G`.
     """
     total = sum(p.numel() for p in model.parameters())
     config = model.config
@@ -25,17 +27,29 @@ def parameter_counts(model) -> tuple[int, int]:
         for name, p in model.named_parameters()
         if name.rsplit(".", 1)[-1] in ("w_in", "w_out", "b_in", "b_out")
     )
+    return total, round(total - expert * (1 - active_expert_fraction(config)))
+
+
+def active_expert_fraction(config) -> float:
+    """The fraction of a layer's expert weights that one token uses (see `parameter_counts`)."""
+    ffn_type = getattr(config, "ffn_type", "mot")
     group_size = getattr(config, "group_size", 1)
-    return total, round(total - expert * (1 - 1 / group_size))
+    if ffn_type == "token_choice":
+        return config.num_experts_per_tok / config.n_experts
+    if ffn_type == "expert_choice":
+        return config.expert_choice_capacity / group_size
+    return 1 / group_size
 
 
 def flops_per_token(model) -> float:
-    """Matmul FLOPs per token: 2 per active non-embedding weight (the controller among them), the LM head, and MoT's
-    mixing and redistribution (2 * n_experts * n_embd multiply-adds per MoT layer)."""
+    """Matmul FLOPs per token: 2 per active non-embedding weight (the controller or router among them), the LM head,
+    and MoT's mixing and redistribution (2 * n_experts * n_embd multiply-adds per MoT layer; Token and Expert Choice
+    only gather and scatter tokens)."""
     config = model.config
     _, active = parameter_counts(model)
     embeddings = config.vocab_size * config.n_embd + config.n_positions * config.n_embd
-    n_mot = len(getattr(config, "mot_layer_indices", []))
+    mixes = getattr(config, "ffn_type", "mot") in ("mot", "uniform_mot")
+    n_mot = len(getattr(config, "mot_layer_indices", [])) if mixes else 0
     mixing = 2 * getattr(config, "n_experts", 0) * config.n_embd * n_mot
     return 2 * (active - embeddings) + 2 * config.vocab_size * config.n_embd + 2 * mixing
 

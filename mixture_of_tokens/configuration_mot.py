@@ -1,5 +1,7 @@
 """Configuration of MoTGPT: GPT-2 with Mixture of Tokens feed-forward layers."""
 
+import math
+
 from transformers import GPT2Config
 from transformers.activations import ACT2CLS
 
@@ -224,6 +226,13 @@ class MoTGPTConfig(GPT2Config):
         if self.ffn_type in ("token_choice", "expert_choice"):
             return self.d_ff // self.num_experts_per_tok
         return self.group_size * self.d_ff // self.n_experts
+
+    @property
+    def expert_choice_capacity(self) -> int:
+        """Expert Choice: tokens each expert takes from a group, `ceil(capacity_factor * group_size *
+        num_experts_per_tok / n_experts)` (no limit counts as factor 1), at most `group_size`."""
+        factor = 1.0 if self.capacity_factor is None else self.capacity_factor
+        return min(self.group_size, math.ceil(factor * self.group_size * self.num_experts_per_tok / self.n_experts))
 
     @property
     def mot_layer_indices(self) -> list[int]:

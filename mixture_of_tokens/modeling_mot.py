@@ -282,10 +282,7 @@ class ExpertChoiceLayer(ExpertLayer):
 
     def __init__(self, config: MoTGPTConfig):
         super().__init__(config)
-        factor = 1.0 if config.capacity_factor is None else config.capacity_factor
-        self.capacity = min(
-            config.group_size, math.ceil(factor * config.group_size * config.num_experts_per_tok / config.n_experts)
-        )
+        self.capacity = config.expert_choice_capacity
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, router_temperature=None

@@ -7,6 +7,7 @@ import torch
 from conftest import random_ids, tiny_config
 
 from mixture_of_tokens import MoTGPTForCausalLM
+from mixture_of_tokens.card import flops_per_token
 from mixture_of_tokens.modeling_mot import ExpertChoiceLayer, MoTLayer, TokenChoiceLayer
 
 B, S, D = 7, 5, 32
@@ -158,3 +159,15 @@ def test_invalid_baseline_fields_are_refused(overrides, field):
 def test_expert_choice_needs_a_token_per_expert_and_group():
     with pytest.raises(ValueError, match="needs at least 1"):
         tiny_config(ffn_type="expert_choice", n_experts=8, expert_size=16)  # groups of 3 rows, 8 experts
+
+
+@pytest.mark.parametrize("ffn_type", ["mot", "uniform_mot", "token_choice", "expert_choice"])
+def test_flops_per_token_equal_the_dense_twin_up_to_routing(ffn_type):
+    config = tiny_config(ffn_type=ffn_type, group_size=4)
+    model, dense = MoTGPTForCausalLM(config), MoTGPTForCausalLM(tiny_config(mot_layers=[]))
+    d, d_ff, n_experts = config.n_embd, config.d_ff, config.n_experts
+    router = 0 if ffn_type == "uniform_mot" else d * n_experts
+    mixing = 4 * n_experts * d if ffn_type in ("mot", "uniform_mot") else 0  # mix + redistribute, 2 FLOPs each
+    # The experts' active weights equal the dense MLP's; the dense MLP alone has biases (d_ff + d).
+    per_layer = 2 * (router - d_ff - d) + mixing
+    assert flops_per_token(model) - flops_per_token(dense) == config.n_layer * per_layer
