@@ -10,6 +10,11 @@ FFN_TYPES = ("mot", "uniform_mot", "token_choice", "expert_choice")
 MOT_LAYER_PRESETS = ("all", "second_half")
 
 
+def _is_number(value) -> bool:
+    """A real number (an int or float, not a bool or a string such as a misparsed command-line value)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class MoTGPTConfig(GPT2Config):
     r"""
     Configuration of a [`MoTGPTModel`]: the GPT-2 architecture in which the MLP of chosen blocks is replaced by a
@@ -140,7 +145,7 @@ class MoTGPTConfig(GPT2Config):
                 f"`num_experts_per_tok` must be an integer in [1, n_experts={self.n_experts}], "
                 f"got {self.num_experts_per_tok!r}."
             )
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
+        if self.capacity_factor is not None and not (_is_number(self.capacity_factor) and self.capacity_factor > 0):
             raise ValueError(f"`capacity_factor` must be None (no limit) or > 0, got {self.capacity_factor!r}.")
         if self.norm_topk_prob is not None and not isinstance(self.norm_topk_prob, bool):
             raise ValueError(
@@ -189,7 +194,7 @@ class MoTGPTConfig(GPT2Config):
                     f"`mot_layers` must list distinct block indices in [0, {self.n_layer}) (n_layer={self.n_layer}), "
                     f"got {self.mot_layers!r}."
                 )
-        if isinstance(self.router_temperature, bool) or not self.router_temperature >= 0:
+        if not (_is_number(self.router_temperature) and self.router_temperature >= 0):
             raise ValueError(
                 f"`router_temperature` must be a number >= 0 (0 = discrete routing), got {self.router_temperature!r}."
             )
@@ -208,7 +213,9 @@ class MoTGPTConfig(GPT2Config):
                 f"`expert_activation` must be an activation name from transformers.activations "
                 f"(one of {sorted(ACT2CLS)}), got {self.expert_activation!r}."
             )
-        if not self.mot_init_scale > 0:
+        if not (_is_number(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
+            raise ValueError(f"`router_aux_loss_coef` must be a number >= 0, got {self.router_aux_loss_coef!r}.")
+        if not (_is_number(self.mot_init_scale) and self.mot_init_scale > 0):
             raise ValueError(f"`mot_init_scale` must be > 0, got {self.mot_init_scale!r}.")
         if self.add_cross_attention:
             raise ValueError("`add_cross_attention=True` is not supported by MoTGPT; it is a decoder-only model.")

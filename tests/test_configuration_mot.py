@@ -8,6 +8,10 @@ from mixture_of_tokens import MoTGPTConfig
     ("overrides", "field"),
     [
         ({"n_experts": 0}, "n_experts"),
+        ({"router_temperature": ".5"}, "router_temperature"),  # a command-line value that is not JSON
+        ({"mot_init_scale": "0.1x"}, "mot_init_scale"),
+        ({"capacity_factor": "1"}, "capacity_factor"),
+        ({"router_aux_loss_coef": -0.1}, "router_aux_loss_coef"),
         ({"n_experts": 2.5}, "n_experts"),
         ({"group_size": 0}, "group_size"),
         ({"group_size": True}, "group_size"),

@@ -100,3 +100,16 @@ def test_empty_file_is_a_clear_error(tmp_path):
 def test_corpus_shorter_than_a_block_is_a_clear_error(small_tokenizer):
     with pytest.raises(ValueError, match="shorter than one block"):
         pack(Dataset.from_dict({"text": ["hi"]}), small_tokenizer, block_size=64)
+
+
+def test_bundled_corpora_files_and_folders_mix_in_one_list(tmp_path):
+    (tmp_path / "a.txt").write_text("my own document")
+    Dataset.from_dict({"text": ["from a folder"]}).save_to_disk(str(tmp_path / "saved"))
+    mixed = load_text(["kjv", str(tmp_path / "a.txt"), str(tmp_path / "saved")])
+    kjv = load_text("kjv")
+    assert mixed.column_names == ["text"]
+    assert len(mixed) == len(kjv) + 2
+    assert mixed["text"][: len(kjv)] == kjv["text"] and set(mixed["text"][len(kjv) :]) == {
+        "my own document",
+        "from a folder",
+    }
