@@ -258,11 +258,12 @@ class TokenChoiceLayer(ExpertLayer):
         gates = priority_order(gates)
         one_hot = nn.functional.one_hot(expert, n_experts) * valid[:, None]
         slot = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # position of each assignment in its expert
-        n_real = int(real.sum())
         if self.capacity_factor is None:
-            capacity = max(n_real, 1)
+            # No limit: room for the busiest expert's load, so nothing is dropped and the batched expert matmul does
+            # not run n_experts times the tokens (what room for every token in every expert would cost).
+            capacity = max(1, int(one_hot.sum(dim=0).max()))
         else:
-            capacity = max(1, math.ceil(self.capacity_factor * n_real * k / n_experts))
+            capacity = max(1, math.ceil(self.capacity_factor * int(real.sum()) * k / n_experts))
         kept = valid & (slot < capacity)
         flat_slot = (expert * capacity + slot)[kept]
         dispatched = x.new_zeros(n_experts * capacity, x.shape[-1]).index_copy(0, flat_slot, x[token[kept]])
