@@ -16,7 +16,6 @@ Writes `--out` (JSON) and the same name with `.png`.
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -80,18 +79,20 @@ def peak_memory_mb(name: str, args: argparse.Namespace) -> float:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)
     ids = random_batch(args, device)
-    before_kb = current_rss_kb()
+    before_kb = memory_status_kb("VmRSS")
     step = make_step(*build(name, args, device), ids)
     for _ in range(3):
         step()
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kb) / 1024
+    return (memory_status_kb("VmHWM") - before_kb) / 1024
 
 
-def current_rss_kb() -> int:
+def memory_status_kb(key: str) -> int:
+    """`VmRSS` (resident now) or `VmHWM` (peak resident) of this process, in kB (Linux). Not `getrusage`'s
+    `ru_maxrss`: that survives `exec`, so a child started by a large process would report its parent's peak."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{key}:"))
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, float]:
