@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixture_of_tokens.card import flops_per_token, parameter_counts  # noqa: E402
@@ -32,8 +31,8 @@ from mixture_of_tokens.training import (  # noqa: E402
     MoTTrainingArguments,
     ScriptArguments,
     preset_config,
-    read_metrics,
-    run_training,
+    train_or_reuse,
+    validation_curve,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -81,14 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train_or_reuse(name: str, args: argparse.Namespace) -> tuple[Path, float]:
+def train(name: str, args: argparse.Namespace) -> tuple[Path, float]:
     """Train run `name` into RUNS_DIR/name (resuming a stopped one) or reuse it; returns its folder and seconds."""
     output_dir = Path(args.runs_dir) / name
-    if (output_dir / "model.safetensors").exists():
-        print(f"[quality] {name}: finished run found in {output_dir}, reusing it")
-        return output_dir, 0.0
     preset, overrides = RUNS[name]
-    resume = output_dir.is_dir() and get_last_checkpoint(str(output_dir)) is not None
     script = ScriptArguments(
         preset=preset,
         model=[f"{key}={json.dumps(value)}" for key, value in overrides.items()],
@@ -98,7 +93,6 @@ def train_or_reuse(name: str, args: argparse.Namespace) -> tuple[Path, float]:
         data_cache_dir=args.data_cache_dir,
         block_size=args.block_size,
         max_eval_blocks=args.eval_blocks,
-        resume=resume,
     )
     training_args = MoTTrainingArguments(
         output_dir=str(output_dir),
@@ -112,15 +106,10 @@ def train_or_reuse(name: str, args: argparse.Namespace) -> tuple[Path, float]:
         seed=args.seed,
         disable_tqdm=True,
     )
-    print(f"[quality] training {name} for {args.max_steps} steps into {output_dir}" + " (resuming)" * resume)
+    print(f"[quality] {name}: {args.max_steps} steps")
     tick = time.time()
-    run_training(script, training_args)
-    return output_dir, time.time() - tick
-
-
-def validation_curve(run: Path) -> list[tuple[int, float]]:
-    """(step, validation loss) of every evaluation of a run, in step order."""
-    return sorted((r["step"], r["eval_loss"]) for r in read_metrics(run) if "eval_loss" in r)
+    trained = train_or_reuse(script, training_args)
+    return output_dir, time.time() - tick if trained else 0.0
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -208,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     runs, seconds = {}, {}
     for name in args.runs:
-        runs[name], seconds[name] = train_or_reuse(name, args)
+        runs[name], seconds[name] = train(name, args)
     runs = {name: runs[name] for name in RUNS if name in runs}  # the summary in a fixed order, dense first
     summary = summarize(runs, seconds, args)
     vocab_size = json.loads((runs["dense"] / "config.json").read_text())["vocab_size"]

@@ -27,12 +27,17 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixture_of_tokens.data import head, load_sotu, load_text, pack, sotu_speech_files  # noqa: E402
 from mixture_of_tokens.evaluation import evaluate_perplexity  # noqa: E402
-from mixture_of_tokens.training import parse_args, read_metrics, run_training  # noqa: E402
+from mixture_of_tokens.training import (  # noqa: E402
+    parse_args,
+    read_metrics,
+    run_training,
+    train_or_reuse,
+    validation_curve,
+)
 from mixture_of_tokens.transition import TRANSITION_DEFAULTS, TransitionArguments, run_transition_tuning  # noqa: E402
 
 TARGET = 0.02  # converted model's validation loss within 2% of the MoT model's after N steps
@@ -72,14 +77,9 @@ def data_arguments(args: argparse.Namespace) -> list[str]:
     return common + ["--corpus", *map(str, files[100:103]), "--validation", str(files[-1]), "--vocab_size", "300"]
 
 
-def train_or_reuse(output_dir: Path, argv: list[str], run=run_training) -> Path:
-    """Run `run(*parse_args(argv))` into `output_dir`, resuming from a checkpoint, or reuse a finished run."""
-    if (output_dir / "model.safetensors").exists():
-        print(f"[transition] reusing the finished run {output_dir}")
-        return output_dir
-    resume = output_dir.is_dir() and get_last_checkpoint(str(output_dir)) is not None
-    print(f"[transition] training {output_dir}" + " (resuming)" * resume)
-    run(*parse_args(argv + ["--output_dir", str(output_dir), "--resume", str(resume).lower()]))
+def train(output_dir: Path, argv: list[str], run=run_training) -> Path:
+    """Train with the arguments `argv` into `output_dir` (resumed, or reused when finished) through `run`."""
+    train_or_reuse(*parse_args(argv + ["--output_dir", str(output_dir)]), run=run)
     return output_dir
 
 
@@ -93,10 +93,6 @@ def mot_arguments(args: argparse.Namespace) -> list[str]:
 def validation_loss(run: Path, blocks, batch_size: int, **kwargs) -> float:
     model = AutoModelForCausalLM.from_pretrained(run)
     return evaluate_perplexity(model, blocks, batch_size, **kwargs)["mean_nll"]
-
-
-def evaluation_curve(run: Path) -> list[tuple[int, float]]:
-    return [(record["step"], record["eval_loss"]) for record in read_metrics(run) if "eval_loss" in record]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -136,7 +132,7 @@ def main() -> None:
     args = parse_benchmark_args()
     torch.manual_seed(args.seed)
     runs, started = Path(args.runs_dir), time.time()
-    mot_run = Path(args.mot_run) if args.mot_run else train_or_reuse(runs / "mot", mot_arguments(args))
+    mot_run = Path(args.mot_run) if args.mot_run else train(runs / "mot", mot_arguments(args))
     mot_steps = args.mot_steps or max(record["step"] for record in read_metrics(mot_run))
     tuning_steps = max(1, round(args.tune_fraction * mot_steps))
     tokenizer = AutoTokenizer.from_pretrained(mot_run)
@@ -144,7 +140,7 @@ def main() -> None:
     blocks = head(pack(validation, tokenizer, args.block_size), args.eval_blocks)
 
     tune_every = str(args.tune_eval_every)
-    tuned = train_or_reuse(
+    tuned = train(
         runs / "token-choice",
         TRANSITION_DEFAULTS
         + ["--model_name_or_path", str(mot_run), "--max_steps", str(tuning_steps), "--eval_steps", tune_every]
@@ -152,7 +148,7 @@ def main() -> None:
         + data_arguments(args),
         run=lambda script, training: run_transition_tuning(script, training, TransitionArguments()),
     )
-    annealed = train_or_reuse(runs / "mot-annealed", mot_arguments(args) + ["--anneal_temperature", "true"])
+    annealed = train(runs / "mot-annealed", mot_arguments(args) + ["--anneal_temperature", "true"])
 
     print("[transition] evaluating")
     loss = {
@@ -181,9 +177,9 @@ def main() -> None:
         "tuned_relative_to_mot": loss["tuned"] / loss["mot"] - 1,
         "target_met": loss["tuned"] <= loss["mot"] * (1 + TARGET),
         "first_64_blocks_alone_vs_batched": loss_alone,
-        "mot_curve": evaluation_curve(mot_run),
-        "annealed_curve": evaluation_curve(annealed),
-        "tuning_curve": [(0, loss["after_switch"]), *evaluation_curve(tuned)],
+        "mot_curve": validation_curve(mot_run),
+        "annealed_curve": validation_curve(annealed),
+        "tuning_curve": [(0, loss["after_switch"]), *validation_curve(tuned)],
         "seconds": round(time.time() - started, 1),
         "torch_threads": torch.get_num_threads(),
     }

@@ -198,6 +198,11 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def validation_curve(output_dir: str | Path) -> list[tuple[int, float]]:
+    """(step, validation loss) of every evaluation logged by a run, in step order."""
+    return sorted((record["step"], record["eval_loss"]) for record in read_metrics(output_dir) if "eval_loss" in record)
+
+
 def plot_loss_curves(runs: dict[str, list[dict]], path: str | Path) -> None:
     """One PNG with the training and validation loss of each run against the step."""
     import matplotlib
@@ -377,3 +382,16 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
     if trainer.is_world_process_zero():
         plot_loss_curves({output_dir.name: read_metrics(output_dir)}, output_dir / "loss_curves.png")
     return trainer
+
+
+def train_or_reuse(script: ScriptArguments, args: MoTTrainingArguments, run=run_training) -> bool:
+    """`run(script, args)`, resuming from the last checkpoint in `args.output_dir` if there is one, unless that folder
+    already holds a finished run (its final `model.safetensors`). Returns whether it trained."""
+    output_dir = Path(args.output_dir)
+    if (output_dir / "model.safetensors").exists():
+        print(f"finished run found in {output_dir}, reusing it")
+        return False
+    script.resume = output_dir.is_dir() and get_last_checkpoint(str(output_dir)) is not None
+    print(f"training into {output_dir}" + " (resuming)" * script.resume)
+    run(script, args)
+    return True

@@ -15,12 +15,16 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-from transformers.trainer_utils import get_last_checkpoint
 
 from mixture_of_tokens.card import flops_per_token, parameter_counts, render_model_card
 from mixture_of_tokens.evaluation import evaluate_on_corpora
-from mixture_of_tokens.training import MoTTrainingArguments, ScriptArguments, plot_loss_curves, read_metrics
-from mixture_of_tokens.training import run_training as train
+from mixture_of_tokens.training import (
+    MoTTrainingArguments,
+    ScriptArguments,
+    plot_loss_curves,
+    read_metrics,
+    train_or_reuse,
+)
 
 PROMPTS = [
     "The state of the Union is",
@@ -48,14 +52,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def train_or_reuse(preset: str, args: argparse.Namespace) -> Path:
+def train(preset: str, args: argparse.Namespace) -> Path:
     """Train `preset` into RUNS_DIR/preset, resuming from a checkpoint, or reuse a finished run."""
     output_dir = Path(args.runs_dir) / preset
-    if (output_dir / "model.safetensors").exists():
-        print(f"[main] {preset}: finished run found in {output_dir}, reusing it")
-        return output_dir
-    resume = output_dir.is_dir() and get_last_checkpoint(str(output_dir)) is not None
-    script = ScriptArguments(preset=preset, block_size=args.block_size, max_eval_blocks=64, resume=resume)
+    script = ScriptArguments(preset=preset, block_size=args.block_size, max_eval_blocks=64)
     training_args = MoTTrainingArguments(
         output_dir=str(output_dir),
         max_steps=args.max_steps,
@@ -66,8 +66,8 @@ def train_or_reuse(preset: str, args: argparse.Namespace) -> Path:
         logging_steps=10,
         seed=args.seed,
     )
-    print(f"[main] training {preset} for {args.max_steps} steps into {output_dir}" + (" (resuming)" * resume))
-    train(script, training_args)
+    print(f"[main] {preset}: {args.max_steps} steps")
+    train_or_reuse(script, training_args)
     return output_dir
 
 
@@ -88,7 +88,7 @@ def main() -> None:
     runs, models, results, samples = {}, {}, {}, {}
     for preset in args.presets:
         tick = time.time()
-        runs[preset] = train_or_reuse(preset, args)
+        runs[preset] = train(preset, args)
         model = models[preset] = AutoModelForCausalLM.from_pretrained(runs[preset])
         tokenizer = AutoTokenizer.from_pretrained(runs[preset])
         is_mot = bool(model.config.mot_layer_indices)
