@@ -242,6 +242,12 @@ class MoTGPTConfig(GPT2Config):
         return min(self.group_size, math.ceil(factor * self.group_size * self.num_experts_per_tok / self.n_experts))
 
     @property
+    def uses_groups(self) -> bool:
+        """Whether a row's outputs depend on the other rows of its group: some block has an expert layer that is not
+        Token Choice (which routes each token on its own)."""
+        return bool(self.mot_layer_indices) and self.ffn_type != "token_choice"
+
+    @property
     def mot_layer_indices(self) -> list[int]:
         """Sorted indices of the blocks that use a MoT layer."""
         if self.mot_layers == "all":

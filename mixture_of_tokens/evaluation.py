@@ -50,7 +50,7 @@ def evaluate_perplexity(
     if grouping == "fillers" and fillers is None:
         raise ValueError("`grouping='fillers'` needs `fillers`: a dataset of blocks to fill each group with.")
     group_size = getattr(model.config, "group_size", 1)
-    if grouping == "batch" and batch_size % group_size:
+    if grouping == "batch" and getattr(model.config, "uses_groups", False) and batch_size % group_size:
         raise ValueError(
             f"`batch_size`={batch_size} is not a multiple of the model's group_size={group_size}: the result would "
             "depend on the batch size through partial groups. Choose a multiple of group_size."

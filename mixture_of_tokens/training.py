@@ -163,9 +163,9 @@ def config_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def check_groups(config: Any, train_batch_size: int, eval_batch_size: int) -> None:
     """Refuse per-device batches that cannot be cut into full MoT groups."""
-    group_size = getattr(config, "group_size", None)
-    if group_size is None or not getattr(config, "mot_layer_indices", []) or config.ffn_type == "token_choice":
-        return  # no groups, or (Token Choice) a layer that never looks at other rows
+    if not getattr(config, "uses_groups", False):
+        return  # a dense model, or Token Choice, which never looks at other rows
+    group_size = config.group_size
     for name, size in (
         ("per_device_train_batch_size", train_batch_size),
         ("per_device_eval_batch_size", eval_batch_size),

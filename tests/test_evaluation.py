@@ -29,6 +29,21 @@ def test_metric_module_matches_a_hand_computation():
     assert result["perplexity"] == pytest.approx(math.exp(9.5 / 7))
 
 
+@pytest.mark.parametrize(("overrides", "uses_groups"), [({}, True), ({"ffn_type": "token_choice"}, False),
+                                                       ({"mot_layers": []}, False)])  # fmt: skip
+def test_only_models_that_mix_rows_need_batches_of_whole_groups(overrides, uses_groups):
+    model = MoTGPTForCausalLM(tiny_config(capacity_factor=None, **overrides)).eval()
+    assert model.config.uses_groups is uses_groups
+    blocks = Dataset.from_dict({"input_ids": random_ids(4, 6).tolist()})
+    if uses_groups:
+        with pytest.raises(ValueError, match="not a multiple of the model's group_size=3"):
+            evaluate_perplexity(model, blocks, batch_size=2)
+    else:  # every row on its own: any batch size gives the same result
+        assert evaluate_perplexity(model, blocks, batch_size=2)["mean_nll"] == pytest.approx(
+            evaluate_perplexity(model, blocks, batch_size=4)["mean_nll"], rel=1e-6
+        )
+
+
 def test_batch_perplexity_equals_the_models_own_loss():
     model = MoTGPTForCausalLM(tiny_config()).eval()
     ids = random_ids(9, 10)
