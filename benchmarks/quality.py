@@ -6,7 +6,8 @@ on the bundled State of the Union corpus with `scripts/train.py`'s code path (`r
 settings), the same seed (so the same initial embeddings and the same batches in the same order) and evaluates the
 validation loss on the same held-out blocks every `--eval_steps` steps. It reports each run's final validation loss
 and, for each run, the fraction of the dense run's steps it needs to reach the dense run's final validation loss
-(linear interpolation between evaluations; `null` if it never does).
+(linear interpolation between evaluations; `null` if it never does), and the other way round, the step at which the
+dense run reached that run's final loss.
 
     .venv/bin/python benchmarks/quality.py                           # every run (about 10 minutes each on 2 cores)
     .venv/bin/python benchmarks/quality.py --runs dense mot_e32      # a subset; finished runs are reused
@@ -143,6 +144,8 @@ def summarize(runs: dict[str, Path], seconds: dict[str, float], args: argparse.N
             "final_loss_ratio_to_dense": curve[-1][1] / dense_final,
             "steps_to_dense_final_loss": reached,
             "fraction_of_dense_steps": None if reached is None else reached / dense_steps,
+            # The other way round: how far the dense run had to train to reach this run's final loss.
+            "dense_steps_to_this_final_loss": steps_to_reach(curves["dense"], curve[-1][1]),
             "training_seconds_this_invocation": round(seconds[name], 1),
             "validation_curve": curve,
         }
