@@ -243,8 +243,9 @@ class MoTGPTConfig(GPT2Config):
 
     @property
     def uses_groups(self) -> bool:
-        """Whether a row's outputs depend on the other rows of its group: some block has an expert layer that is not
-        Token Choice (which routes each token on its own)."""
+        """Whether a row's outputs depend on the other rows of its group, so that batches must hold whole groups:
+        some block has an expert layer other than Token Choice. (Token Choice has no groups; with a capacity limit
+        what it drops still depends on how many tokens the batch holds.)"""
         return bool(self.mot_layer_indices) and self.ffn_type != "token_choice"
 
     @property

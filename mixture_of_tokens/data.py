@@ -47,31 +47,32 @@ def load_kjv() -> Dataset:
 
 
 def load_text(source: str | Sequence[str]) -> Dataset:
-    """Load text from one source or a list of them, concatenated: `"sotu"` (its train split), `"kjv"`, `.txt` file
-    paths (one example per file) or `save_to_disk` folders.
+    """Load text from one source or a list of them, concatenated in the order given: `"sotu"` (its train split),
+    `"kjv"`, `.txt` file paths (one example per file) or `save_to_disk` folders.
 
     Raises `ValueError` naming the source for an empty list, a missing path and a source with no text.
     """
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
         raise ValueError(f"no text source given; give {BUNDLED_CORPORA}, text files or dataset folders.")
-    files, parts = [], []
-    for item in sources:
-        if item == "sotu":
-            parts.append(load_sotu()["train"])
-        elif item == "kjv":
-            parts.append(load_kjv())
-        elif not Path(item).exists():
-            raise ValueError(
-                f"text source {str(item)!r} does not exist; give {BUNDLED_CORPORA}, text files or dataset folders."
-            )
-        elif Path(item).is_dir():
-            parts.append(_load_folder(Path(item)))
-        else:
-            files.append(str(item))
-    if files:
-        parts.append(load_dataset("text", data_files=files, sample_by="document", split="train"))
-    dataset = parts[0] if len(parts) == 1 else concatenate_datasets([part.select_columns(["text"]) for part in parts])
+    parts = [_load_source(str(item)) for item in sources]
+    return parts[0] if len(parts) == 1 else concatenate_datasets([part.select_columns(["text"]) for part in parts])
+
+
+def _load_source(source: str) -> Dataset:
+    """One text source of `load_text`, checked for text."""
+    if source == "sotu":
+        dataset = load_sotu()["train"]
+    elif source == "kjv":
+        dataset = load_kjv()
+    elif not Path(source).exists():
+        raise ValueError(
+            f"text source {source!r} does not exist; give {BUNDLED_CORPORA}, text files or dataset folders."
+        )
+    elif Path(source).is_dir():
+        dataset = _load_folder(Path(source))
+    else:
+        dataset = load_dataset("text", data_files=[source], sample_by="document", split="train")
     if not any(text.strip() for text in dataset["text"]):
         raise ValueError(f"text source {source!r} holds no text (empty file or dataset).")
     return dataset

@@ -25,14 +25,14 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_mot import MoTGPTConfig
+from .configuration_mot import MoTGPTConfig, _is_number
 
 TINY_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
 def check_router_temperature(router_temperature: float | None) -> None:
     """Refuse a per-call temperature that is not a number >= 0 (`None` means "use the model's own")."""
-    if router_temperature is not None and (isinstance(router_temperature, bool) or not router_temperature >= 0):
+    if router_temperature is not None and not (_is_number(router_temperature) and router_temperature >= 0):
         raise ValueError(
             f"`router_temperature` must be None (use the config's) or a number >= 0 (0 = discrete routing), "
             f"got {router_temperature!r}."

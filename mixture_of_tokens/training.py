@@ -6,7 +6,7 @@ The command-line scripts in `scripts/` are thin wrappers around `parse_args` and
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -386,12 +386,38 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
 
 def train_or_reuse(script: ScriptArguments, args: MoTTrainingArguments, run=run_training) -> bool:
     """`run(script, args)`, resuming from the last checkpoint in `args.output_dir` if there is one, unless that folder
-    already holds a finished run (its final `model.safetensors`). Returns whether it trained."""
+    already holds a finished run (its final `model.safetensors`). Sets `script.resume` accordingly; returns whether
+    it trained. The arguments are recorded in the folder, and a folder recorded with other arguments is refused
+    (`ValueError` naming them) instead of being resumed or reused as if it matched."""
     output_dir = Path(args.output_dir)
+    recorded, current = output_dir / "run_arguments.json", _run_arguments(script, args)
+    if recorded.exists():
+        before = json.loads(recorded.read_text())
+        changed = {key: (before.get(key), value) for key, value in current.items() if before.get(key) != value}
+        if changed:
+            raise ValueError(
+                f"`output_dir` {str(output_dir)!r} holds a run made with other arguments (recorded, now): {changed}. "
+                "Choose another output_dir, or delete that folder to start over."
+            )
     if (output_dir / "model.safetensors").exists():
         print(f"finished run found in {output_dir}, reusing it")
         return False
     script.resume = output_dir.is_dir() and get_last_checkpoint(str(output_dir)) is not None
     print(f"training into {output_dir}" + " (resuming)" * script.resume)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(current, indent=2) + "\n")
     run(script, args)
     return True
+
+
+# The training arguments that change what a run computes (besides every ScriptArguments field but `resume`).
+_RECORDED_TRAINING_ARGUMENTS = (
+    "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+)  # fmt: skip
+
+
+def _run_arguments(script: ScriptArguments, args: MoTTrainingArguments) -> dict:
+    fields = {f"--{key}": value for key, value in asdict(script).items() if key != "resume"}
+    fields |= {f"--{key}": getattr(args, key) for key in _RECORDED_TRAINING_ARGUMENTS}
+    return json.loads(json.dumps(fields, default=str))  # as it reads back from the file

@@ -47,6 +47,9 @@ def test_quality_benchmark_runs_end_to_end_and_resumes(tmp_path):
     again = quality.main(argv)
     assert again["runs"]["mot_e32"]["training_seconds_this_invocation"] == 0.0
     assert again["runs"]["mot_e32"]["validation_curve"] == runs["mot_e32"]["validation_curve"]
+    # A run folder made with other arguments is refused, not reused as if it matched.
+    with pytest.raises(ValueError, match="learning_rate"):
+        quality.main(argv + ["--learning_rate", "1e-3"])
 
 
 def test_train_speed_benchmark_reports_time_and_memory_ratios(tmp_path):

@@ -109,7 +109,11 @@ def test_bundled_corpora_files_and_folders_mix_in_one_list(tmp_path):
     kjv = load_text("kjv")
     assert mixed.column_names == ["text"]
     assert len(mixed) == len(kjv) + 2
-    assert mixed["text"][: len(kjv)] == kjv["text"] and set(mixed["text"][len(kjv) :]) == {
-        "my own document",
-        "from a folder",
-    }
+    assert mixed["text"][: len(kjv)] == kjv["text"]
+    assert mixed["text"][len(kjv) :] == ["my own document", "from a folder"]  # in the order given
+
+
+def test_an_empty_source_in_a_list_is_named(tmp_path):
+    (tmp_path / "empty.txt").write_text(" ")
+    with pytest.raises(ValueError, match="empty.txt' holds no text"):
+        load_text(["kjv", str(tmp_path / "empty.txt")])

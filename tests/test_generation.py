@@ -122,10 +122,11 @@ def test_router_temperature_keyword_sets_temperature_for_one_call():
     assert not torch.allclose(torch.stack(at_one.scores), torch.stack(at_zero.scores))
 
 
-def test_negative_router_temperature_is_refused():
+@pytest.mark.parametrize("temperature", [-0.5, "0.5", True])
+def test_router_temperature_that_is_not_a_number_at_least_0_is_refused(temperature):
     ids, mask = left_padded_prompts()
     with pytest.raises(ValueError, match="router_temperature"):
-        greedy(make_model(), ids, mask, router_temperature=-0.5)
+        greedy(make_model(), ids, mask, router_temperature=temperature)
 
 
 def test_a_single_prompt_generates():
