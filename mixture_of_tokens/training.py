@@ -264,9 +264,11 @@ class TemperatureAnnealingCallback(TrainerCallback):
     """Anneals every MoT layer's temperature to 0 over the last `fraction` of training (see `annealed_temperature`).
 
     The temperature is a function of the global step only, so a resumed run continues the schedule where it stopped.
-    It is set before each step (for that step) and after it (for evaluations and checkpoints at that step), in the
-    layers and in `config.router_temperature`, so a checkpoint serves at the temperature it was trained at and the
-    final model, at step `max_steps`, at 0 (discrete routing).
+    It is set, in the layers and in `config.router_temperature`, before each step and after it: with s steps done,
+    to T(s), so step s + 1 trains at T(s), and evaluations and the checkpoint after step s see T(s). The checkpoint of
+    step s thus stores the temperature of the step after it (step s itself ran at T(s - 1)), and the final model
+    stores T(max_steps) = 0 (discrete routing), a temperature no step trained at exactly: the last one ran at
+    T(max_steps - 1) > 0.
     """
 
     def __init__(self, start_temperature: float, fraction: float):

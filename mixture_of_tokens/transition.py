@@ -17,18 +17,27 @@ temperature):
   from a full forward pass. Without one, no token is ever dropped and every row is computed on its own.
 - **Router = controller / T.** MoT's weights are a softmax of `x @ controller / T` (over the group); dividing the
   controller by T (fixed, or the learned `log_temperature`, per layer or per expert) keeps the logits at the scale
-  the model was trained with. A `uniform_mot` layer has no controller: its router starts at zero (all logits equal,
-  as in that layer), so every token starts on the same k experts and the router is learned from scratch.
-- **Output scale: `w_out` and `b_out` times k, gates renormalized (`norm_topk_prob=True`).** In MoT each expert
-  hands out a total weight of 1 over the G tokens of its group, so a token receives, summed over the E experts, a
-  weight of E / G = k on average. A Token Choice token's renormalized gates sum to 1, so multiplying the experts'
-  output projections by k hands each token the same total weight as before the switch. Renormalized gates are also
-  used for k = 1 (the gate is then 1, instead of Switch's raw router probability, which would shrink every update
-  by that probability); the router then learns only through the load-balancing loss
-  (`output_router_logits=True`), as the top-1 choice itself has no gradient.
+  the model was trained with. A source temperature below `MIN_SOURCE_TEMPERATURE` (1e-6), 0 included, is refused:
+  controller / T would overflow (to inf, then NaN) for T below about 1e-30, and such a model routes discretely
+  anyway, so its controller's scale carries nothing a softmax router could use.
+- **A uniform-MoT layer** has no controller (all its logits are equal). Its router starts like a controller of a new
+  model (truncated normal, std = sqrt(`mot_init_scale` / d)), not at zero: a zero router gives every token the same
+  top k experts (ties go to the lowest indices), so the other experts would never receive a gradient.
+- **Output scale: `w_out` and `b_out` times E / G, whatever k, gates renormalized (`norm_topk_prob=True`).** In
+  MoT each expert hands out a total weight of 1 over the G tokens of its group, so a token receives, summed over the
+  E experts, a weight of E / G on average. A Token Choice token's renormalized gates sum to 1 for any k, so
+  multiplying the experts' output projections by E / G hands each token the same total weight as before the switch.
+  (E / G equals the default k only for a FLOP-matched model.) Renormalized gates are also used for k = 1 (the gate is
+  then 1, instead of Switch's raw router probability, which would shrink every update by that probability).
+- **The load-balancing loss where the router needs it** (`output_router_logits=True`). At k = 1 the renormalized
+  gate is the constant 1 and the top-1 choice has no gradient, so only Switch's load-balancing loss trains the
+  router; a uniform-MoT source's router starts untrained. In both cases the converted config turns the loss on (the
+  `Trainer`'s training and evaluation losses then include `router_aux_loss_coef` times it). For k > 1 from a `mot`
+  source the gates carry the language-modelling gradient to the router, and the source's setting is kept.
 """
 
 import copy
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +53,8 @@ if TYPE_CHECKING:
     from .training import MoTTrainingArguments, ScriptArguments
 
 CONVERTIBLE_FFN_TYPES = ("mot", "uniform_mot")
+# The smallest source temperature converted (see the module docstring): far above where controller / T overflows.
+MIN_SOURCE_TEMPERATURE = 1e-6
 # Fine-tuning defaults of `scripts/transition_tune.py`, placed before the user's arguments (which win).
 TRANSITION_DEFAULTS = [
     "--learning_rate", "3e-4", "--warmup_steps", "0.1", "--max_steps", "100", "--output_dir", "runs/transition-tuned",
@@ -78,6 +89,12 @@ def flop_matched_experts_per_token(config: MoTGPTConfig) -> int:
     return d_ff // expert_size
 
 
+def output_scale(config: MoTGPTConfig) -> float:
+    """`n_experts / group_size`: the total mixing weight a MoT token receives on average, by which the converted
+    experts' `w_out` and `b_out` are multiplied (renormalized Token Choice gates sum to 1, for any k)."""
+    return config.n_experts / config.group_size
+
+
 def token_choice_config(
     config: MoTGPTConfig, num_experts_per_tok: int | None = None, capacity_factor: float | None = None
 ) -> MoTGPTConfig:
@@ -93,6 +110,8 @@ def token_choice_config(
         )
     if num_experts_per_tok is None:
         num_experts_per_tok = flop_matched_experts_per_token(config)
+    # At k = 1 (constant gate) and from an untrained uniform-MoT router, only the balancing loss trains the router.
+    balance = num_experts_per_tok == 1 or config.ffn_type == "uniform_mot"
     fields = config.to_dict() | {
         "ffn_type": "token_choice",
         "num_experts_per_tok": num_experts_per_tok,
@@ -100,6 +119,7 @@ def token_choice_config(
         "norm_topk_prob": True,
         "expert_size": config.expert_size_resolved,
         "learnable_temperature": "none",  # the temperature is folded into the router
+        "output_router_logits": config.output_router_logits or balance,
     }
     return type(config)(**fields)
 
@@ -111,53 +131,76 @@ def mot_to_token_choice(
     """Convert a MoT model into a Token Choice model whose output for a row does not depend on the other rows.
 
     Every MoT layer `(controller (d, E), w_in (E, d, f), w_out (E, f, d), b_in (E, f), b_out (E, d))` becomes a
-    Token Choice layer with router `controller / T`, the same `w_in` and `b_in`, and `w_out`, `b_out` multiplied by
-    k; every other weight is copied unchanged. See the module docstring for why.
+    Token Choice layer with router `controller / T` (a fresh truncated-normal router for a uniform-MoT layer), the
+    same `w_in` and `b_in`, and `w_out`, `b_out` multiplied by E / G (`n_experts / group_size`); every other weight
+    is copied unchanged. See the module docstring for why.
 
     Args:
-        model: a [`MoTGPTForCausalLM`] with `ffn_type` `"mot"` or `"uniform_mot"` and at least one MoT layer.
+        model: a [`MoTGPTForCausalLM`] with `ffn_type` `"mot"` or `"uniform_mot"` and at least one MoT layer, whose
+            temperatures (fixed or learned) are all >= `MIN_SOURCE_TEMPERATURE` (1e-6).
         num_experts_per_tok: experts per token k, in `[1, n_experts]`. `None` (default) takes the FLOP-matched
             `d_ff / expert_size` and raises `ValueError` when it is not a whole number.
         capacity_factor: per-expert capacity (see [`MoTGPTConfig`]). `None` (default): no limit, which keeps the
             model batch-independent and cache-consistent.
 
     Returns:
-        A new [`MoTGPTForCausalLM`] with `ffn_type="token_choice"`, on the model's device and dtype and in its
-        training mode; `model` is left unchanged.
+        A new [`MoTGPTForCausalLM`] with `ffn_type="token_choice"` (and `output_router_logits=True` when k = 1 or the
+        source is uniform MoT), on the model's device and dtype and in its training mode; `model` is left unchanged.
     """
     if not isinstance(model, MoTGPTForCausalLM):
         raise ValueError(f"`model` must be a MoTGPTForCausalLM, got {type(model).__name__}.")
     config = token_choice_config(model.config, num_experts_per_tok, capacity_factor)
-    routers = {index: router_weights(model.transformer.h[index].mlp) for index in config.mot_layer_indices}
-    k = config.num_experts_per_tok
+    routers = {index: router_weights(model.transformer.h[index].mlp, index) for index in config.mot_layer_indices}
+    # Built (and so initialized) before the weights are copied in: its fresh router serves a uniform-MoT layer.
+    converted = type(model)(config).to(device=model.device, dtype=model.dtype)
+    scale = output_scale(model.config)
     state = model.state_dict()
     for index, router in routers.items():
         layer: MoTLayer = model.transformer.h[index].mlp
         prefix = f"transformer.h.{index}.mlp."
-        state[prefix + "controller"] = router
-        state[prefix + "w_out"] = layer.w_out * k
+        state[prefix + "controller"] = converted.transformer.h[index].mlp.controller if router is None else router
+        state[prefix + "w_out"] = layer.w_out * scale
         if layer.b_out is not None:
-            state[prefix + "b_out"] = layer.b_out * k
+            state[prefix + "b_out"] = layer.b_out * scale
         state.pop(prefix + "log_temperature", None)
-    converted = type(model)(config).to(device=model.device, dtype=model.dtype)
     converted.load_state_dict(state)
     converted.generation_config = copy.deepcopy(model.generation_config)
     return converted.train(model.training)
 
 
-def router_weights(layer: MoTLayer) -> torch.Tensor:
-    """`(n_embd, n_experts)` router of the Token Choice layer replacing `layer`: its controller divided by its
-    temperature (the fixed one or the learned one, per layer or per expert); zeros for a uniform-MoT layer."""
+def router_weights(layer: MoTLayer, index: int) -> torch.Tensor | None:
+    """`(n_embd, n_experts)` router of the Token Choice layer replacing `layer` (block `index`): its controller
+    divided by its temperature (the fixed one or the learned one, per layer or per expert). `None` for a uniform-MoT
+    layer, which has no controller: the converted model's own init then gives the router."""
     if layer.controller is None:
-        return layer.w_in.new_zeros(layer.w_in.shape[1], layer.w_in.shape[0])
-    temperature = layer._temperature(None)
-    if isinstance(temperature, float) and temperature == 0:
+        return None
+    return layer.controller / source_temperature(layer, index)
+
+
+def source_temperature(layer: MoTLayer, index: int) -> float | torch.Tensor:
+    """The temperature `layer` (block `index`) was trained at: its learned `exp(log_temperature)` (one per layer or
+    per expert) or its fixed temperature. Raises `ValueError` when it is 0 or any value is below
+    `MIN_SOURCE_TEMPERATURE`."""
+    if layer.log_temperature is None and layer.temperature == 0:
         raise ValueError(
-            "the MoT layers' `router_temperature` is 0 (discrete routing), so there is no router scale to carry "
-            "over (the router is controller / temperature, which needs a temperature > 0). Set "
-            "`model.config.router_temperature` to the temperature the model was trained at, and load it again."
+            f"the MoT layers' `router_temperature` is 0 (discrete routing), so there is no router scale to carry "
+            f"over (the router is controller / temperature, which needs a temperature >= {MIN_SOURCE_TEMPERATURE:g})."
+            " Set `model.config.router_temperature` to the temperature the model was trained at, and load it again."
         )
-    return layer.controller / temperature
+    if layer.log_temperature is None:
+        temperature, smallest, name = layer.temperature, layer.temperature, "`router_temperature`"
+    else:
+        temperature = layer.log_temperature.exp()
+        smallest, name = float(temperature.min()), "learned temperature exp(`log_temperature`)"
+    if not smallest >= MIN_SOURCE_TEMPERATURE:  # `not >=` also catches NaN
+        raise ValueError(
+            f"the {name} of the MoT layer in block {index} must be >= {MIN_SOURCE_TEMPERATURE:g} to convert, got "
+            f"{smallest:.3g}: the router controller / temperature would overflow to inf (and NaN) for temperatures "
+            f"below about 1e-30, and below {MIN_SOURCE_TEMPERATURE:g} the model routes discretely anyway. Give the "
+            "model the temperature it should be served at (the config's `router_temperature`, or the learned "
+            "`log_temperature`) before converting."
+        )
+    return temperature
 
 
 def run_transition_tuning(
@@ -165,28 +208,55 @@ def run_transition_tuning(
 ) -> "Trainer":
     """Convert the MoT checkpoint `script.model_name_or_path` to Token Choice, save it with its tokenizer in
     `args.output_dir/converted`, and fine-tune that through [`~mixture_of_tokens.training.run_training`] into
-    `args.output_dir`. With `script.resume`, the saved conversion is reused and training continues from the last
-    checkpoint. Returns the `Trainer`."""
-    # Imported here: the conversion itself needs only the model code, training needs the `train` extras.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    `args.output_dir`. With `script.resume`, the saved conversion is reused (after checking that the given
+    `num_experts_per_tok` and `capacity_factor` agree with it) and training continues from the last checkpoint.
 
-    from .training import run_training
+    In a distributed run only the process that saves (`args.should_save`) converts, inside
+    `args.main_process_first`; the others wait there and then load what it saved. Returns the `Trainer`."""
+    from .training import run_training  # imported here: the conversion itself needs only the model code
 
     if script.model_name_or_path is None:
         raise ValueError("`--model_name_or_path` is required: the MoT checkpoint (folder or Hub name) to convert.")
     converted_dir = Path(args.output_dir) / "converted"
-    if not (script.resume and (converted_dir / "config.json").exists()):
-        model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path)
-        converted = mot_to_token_choice(model, transition.num_experts_per_tok, transition.capacity_factor)
-        converted.save_pretrained(converted_dir)
-        AutoTokenizer.from_pretrained(script.model_name_or_path).save_pretrained(converted_dir)
+    # Local "first" only where every node saves its own copy; with one shared copy, the global main process writes.
+    with args.main_process_first(local=args.save_on_each_node, desc="conversion to Token Choice"):
+        if script.resume and (converted_dir / "config.json").exists():
+            check_saved_conversion(converted_dir, transition)
+        elif args.should_save:
+            convert_and_save(script.model_name_or_path, converted_dir, transition, args.seed)
     return run_training(replace(script, model_name_or_path=str(converted_dir)), args)
 
 
+def convert_and_save(source: str, converted_dir: Path, transition: TransitionArguments, seed: int) -> None:
+    """Load the MoT checkpoint `source`, convert it, and save it with its tokenizer in `converted_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    set_seed(seed)  # a uniform-MoT source's fresh router is then the same in every run with this seed
+    converted = mot_to_token_choice(model, transition.num_experts_per_tok, transition.capacity_factor)
+    converted.save_pretrained(converted_dir)
+    AutoTokenizer.from_pretrained(source).save_pretrained(converted_dir)
+
+
+def check_saved_conversion(converted_dir: Path, transition: TransitionArguments) -> None:
+    """Refuse to resume with a `num_experts_per_tok` or `capacity_factor` other than the saved conversion's."""
+    saved = json.loads((converted_dir / "config.json").read_text())
+    for name in ("num_experts_per_tok", "capacity_factor"):
+        given = getattr(transition, name)
+        if given is not None and given != saved.get(name):
+            raise ValueError(
+                f"`--{name}`={given!r} differs from the saved conversion's {name}={saved.get(name)!r} in "
+                f"{str(converted_dir)!r}: resuming continues that model. Resume without --{name} (the saved value is "
+                "kept), or convert again into another --output_dir."
+            )
+
+
 __all__ = [
+    "MIN_SOURCE_TEMPERATURE",
     "TransitionArguments",
     "flop_matched_experts_per_token",
     "mot_to_token_choice",
+    "output_scale",
     "run_transition_tuning",
     "token_choice_config",
 ]

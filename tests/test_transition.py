@@ -1,7 +1,10 @@
 """Transition tuning (MoT -> Token Choice), temperature annealing, and the transition benchmark's quick mode."""
 
+import contextlib
+import copy
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -14,17 +17,23 @@ from conftest import lay_out_hub_cache, random_ids, run_without_package, tiny_co
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainerControl, TrainerState
 
-from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM
+from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM, training
 from mixture_of_tokens.data import sotu_speech_files, train_bpe_tokenizer
 from mixture_of_tokens.modeling_mot import MoTLayer, TokenChoiceLayer
 from mixture_of_tokens.training import (
+    ScriptArguments,
     TemperatureAnnealingCallback,
     annealed_temperature,
     check_annealing,
     parse_args,
     run_training,
 )
-from mixture_of_tokens.transition import mot_to_token_choice
+from mixture_of_tokens.transition import (
+    TRANSITION_DEFAULTS,
+    TransitionArguments,
+    mot_to_token_choice,
+    run_transition_tuning,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # E 6, G 3, d_ff 128: FLOP-matched MoT experts are 3 * 128 / 6 = 64 wide, so k = 128 / 64 = 2 = E / G.
@@ -55,7 +64,8 @@ def test_conversion_with_all_experts_equals_a_hand_computation_from_the_mot_weig
     expected = torch.zeros_like(x)
     for e in range(6):
         hidden = torch.relu(x @ source.w_in[e] + source.b_in[e])
-        expected += probs[..., e, None] * 6 * (hidden @ source.w_out[e] + source.b_out[e])
+        # Output scale E / G = 6 / 3, not k = 6: the gates sum to 1, a MoT token's weights to E / G on average.
+        expected += probs[..., e, None] * (6 / 3) * (hidden @ source.w_out[e] + source.b_out[e])
     update, _ = layer(x)
     torch.testing.assert_close(update, expected, rtol=1e-10, atol=1e-12)
 
@@ -71,16 +81,67 @@ def test_conversion_copies_every_other_weight_and_drops_the_temperature():
     torch.testing.assert_close(after["transformer.h.1.mlp.w_out"], 2 * before["transformer.h.1.mlp.w_out"])
 
 
+def test_all_experts_give_a_group_of_identical_rows_exactly_its_uniform_mot_output():
+    # Every uniform-MoT weight is 1 / G, so each of the 3 identical rows receives sum_e y_e / G; a Token Choice token
+    # using all E experts with equal gates 1 / E, its outputs times E / G, receives the same.
+    mot = perturb_(mot_model(ffn_type="uniform_mot", expert_bias=True).double())
+    converted = mot_to_token_choice(mot, num_experts_per_tok=6, capacity_factor=None)
+    source, layer = mot.transformer.h[0].mlp, converted.transformer.h[0].mlp
+    with torch.no_grad():
+        layer.controller.zero_()  # its fresh random router made uniform, as the source's logits are
+    x = torch.randn(1, 5, 32, dtype=torch.float64).expand(3, 5, 32)
+    torch.testing.assert_close(layer(x)[0], source(x)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("expert_size", "k", "expected_k"), [(None, None, 2), (32, None, 4), (None, 1, 1), (None, 5, 5)]
+)
+def test_output_projections_are_multiplied_by_experts_over_group_size_whatever_k(expert_size, k, expected_k):
+    mot = perturb_(mot_model(expert_size=expert_size, expert_bias=True))
+    converted = mot_to_token_choice(mot, num_experts_per_tok=k)
+    assert converted.config.num_experts_per_tok == expected_k
+    for name in ("w_out", "b_out"):
+        expected = 2 * getattr(mot.transformer.h[0].mlp, name)  # E / G = 6 / 3
+        torch.testing.assert_close(getattr(converted.transformer.h[0].mlp, name), expected, msg=name)
+
+
 def test_default_experts_per_token_is_flop_matched_without_capacity_limit():
     config = mot_to_token_choice(mot_model()).config
     assert (config.ffn_type, config.num_experts_per_tok, config.expert_size) == ("token_choice", 2, 64)
     assert config.capacity_factor is None and config.norm_topk_prob is True
     assert config.learnable_temperature == "none"
+    assert config.output_router_logits is False  # k = 2 from MoT: the gates train the router
 
 
-def test_a_uniform_mot_layer_becomes_a_zero_router():
+def test_a_uniform_mot_layer_gets_a_fresh_router_that_spreads_tokens_over_the_experts():
+    torch.manual_seed(0)
     converted = mot_to_token_choice(mot_model(ffn_type="uniform_mot"))
-    assert torch.equal(converted.transformer.h[0].mlp.controller, torch.zeros(32, 6))
+    router, std = converted.transformer.h[0].mlp.controller, math.sqrt(0.1 / 32)  # the init of mot_init_scale 0.1
+    assert 0.7 * std < router.std() < std and router.abs().max() <= 2 * std + 1e-7
+    best = (torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) @ router).argmax(-1)
+    assert set(best.tolist()) == set(range(6))  # a zero router sent every token to experts 0 and 1
+    assert converted.config.output_router_logits is True
+
+
+def test_a_converted_router_with_one_expert_per_token_learns_through_the_balancing_loss():
+    torch.manual_seed(0)
+    converted = mot_to_token_choice(mot_model(), num_experts_per_tok=1).train()
+    assert converted.config.output_router_logits is True
+    ids = random_ids(6, 8)
+
+    def router_change(**kwargs) -> float:
+        model = copy.deepcopy(converted)
+        before = model.transformer.h[0].mlp.controller.detach().clone()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(ids, labels=ids, **kwargs).loss.backward()
+            optimizer.step()
+        return float((model.transformer.h[0].mlp.controller.detach() - before).abs().max())
+
+    assert router_change() > 1e-5
+    # Without the balancing loss the gate is the constant 1 and the router gets no gradient (up to rounding).
+    assert router_change(output_router_logits=False) < 1e-7
 
 
 def test_norm_topk_prob_true_gives_a_single_expert_gate_one():
@@ -150,6 +211,13 @@ def test_converted_checkpoint_loads_identically_with_and_without_the_package(tmp
     torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, rtol=0, atol=0)
 
 
+def tiny_learned_temperature() -> MoTGPTForCausalLM:
+    model = mot_model(learnable_temperature="expert")
+    with torch.no_grad():
+        model.transformer.h[1].mlp.log_temperature[3] = math.log(1e-7)  # one expert of the second layer
+    return model
+
+
 @pytest.mark.parametrize(
     ("make_model", "kwargs", "message"),
     [
@@ -161,12 +229,29 @@ def test_converted_checkpoint_loads_identically_with_and_without_the_package(tmp
         (mot_model, {"num_experts_per_tok": 0}, r"`num_experts_per_tok` must be an integer in \[1, n_experts=6\]"),
         (mot_model, {"capacity_factor": -1.0}, r"`capacity_factor` must be None \(no limit\) or > 0, got -1.0"),
         (lambda: mot_model(router_temperature=0.0), {}, "`router_temperature` is 0"),
+        (
+            lambda: mot_model(router_temperature=1e-31),
+            {},
+            r"`router_temperature` of the MoT layer in block 0 must be >= 1e-06 to convert, got 1e-31",
+        ),
+        (
+            tiny_learned_temperature,
+            {},
+            r"learned temperature exp\(`log_temperature`\) of the MoT layer in block 1 must be >= 1e-06 .* got 1e-07",
+        ),
     ],
-    ids=["not-motgpt", "dense", "token-choice", "k-not-whole", "k-above-E", "k-zero", "capacity", "temperature-0"],
+    ids=["not-motgpt", "dense", "token-choice", "k-not-whole", "k-above-E", "k-zero", "capacity", "T-0", "T-tiny"]
+    + ["learned-T-tiny"],
 )
 def test_conversion_refuses_bad_input(make_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         mot_to_token_choice(make_model(), **kwargs)
+
+
+def test_the_smallest_accepted_temperature_converts_to_finite_logits():
+    converted = mot_to_token_choice(mot_model(router_temperature=1e-6))
+    with torch.no_grad():
+        assert torch.isfinite(converted(random_ids(4, 6)).logits).all()
 
 
 def test_config_refuses_a_non_boolean_norm_topk_prob():
@@ -272,19 +357,26 @@ def load_script(path: str):
     return module
 
 
-def test_transition_script_converts_and_tunes_a_checkpoint_into_a_token_choice_model(corpus, tmp_path):
-    main = load_script("scripts/transition_tune.py").main
+@pytest.fixture(scope="module")
+def mot_checkpoint(corpus, tmp_path_factory) -> Path:
+    """A saved MoT model (E 6, G 3, so k = 2) with a BPE tokenizer trained on the corpus."""
+    folder = tmp_path_factory.mktemp("mot")
     tokenizer = train_bpe_tokenizer([Path(corpus["train"]).read_text()], vocab_size=300)
-    mot = mot_model(vocab_size=len(tokenizer), n_positions=16, eos_token_id=tokenizer.eos_token_id)
-    mot.save_pretrained(tmp_path / "mot")
-    tokenizer.save_pretrained(tmp_path / "mot")
+    mot_model(vocab_size=len(tokenizer), n_positions=16, eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_transition_script_converts_and_tunes_a_checkpoint_into_a_token_choice_model(corpus, mot_checkpoint, tmp_path):
+    main = load_script("scripts/transition_tune.py").main
     # A batch of 4 is not a multiple of group_size 3: refused for MoT, fine for the converted model.
     main(
         data_args(corpus)
-        + ["--model_name_or_path", str(tmp_path / "mot"), "--output_dir", str(tmp_path / "tuned")]
+        + ["--model_name_or_path", str(mot_checkpoint), "--output_dir", str(tmp_path / "tuned")]
         + ["--max_steps", "3", "--eval_steps", "3", "--save_steps", "3", "--learning_rate", "1e-3"]
         + ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--num_experts_per_tok", "3"]
     )
+    mot = AutoModelForCausalLM.from_pretrained(mot_checkpoint)
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
     switched = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned" / "converted")
     assert (tuned.config.ffn_type, tuned.config.num_experts_per_tok, tuned.config.expert_size) == (
@@ -299,6 +391,80 @@ def test_transition_script_converts_and_tunes_a_checkpoint_into_a_token_choice_m
     assert any("eval_loss" in json.loads(line) for line in (tmp_path / "tuned" / "metrics.jsonl").open())
 
 
+def test_transition_script_help_lists_the_training_arguments_and_its_own_defaults(capsys):
+    load_script("scripts/transition_tune.py").main(["--help"])
+    shown = capsys.readouterr().out
+    for argument in ("--num_experts_per_tok", "--capacity_factor", "--corpus", "--resume", "--learning_rate"):
+        assert argument in shown, argument
+    assert " ".join(TRANSITION_DEFAULTS) in shown
+
+
+class OneProcessArguments:
+    """What `run_transition_tuning` reads of `MoTTrainingArguments`, as one process of a distributed run sees it.
+    `main_process_first` records whether the conversion was on disk when the process left it (when the replicas
+    waiting there would go on and load it)."""
+
+    def __init__(self, output_dir: Path, should_save: bool):
+        self.output_dir, self.should_save, self.save_on_each_node, self.seed = str(output_dir), should_save, False, 0
+        self.first_local, self.saved_when_released = None, None
+
+    @contextlib.contextmanager
+    def main_process_first(self, local: bool = True, desc: str = "work"):
+        self.first_local = local
+        yield
+        self.saved_when_released = (Path(self.output_dir) / "converted" / "config.json").exists()
+
+
+@pytest.fixture
+def trained_from(monkeypatch) -> list[str]:
+    """`run_training` replaced by a stub that records the checkpoint it was given."""
+    checkpoints = []
+    monkeypatch.setattr(training, "run_training", lambda script, args: checkpoints.append(script.model_name_or_path))
+    return checkpoints
+
+
+def test_only_the_saving_process_converts_and_it_does_so_before_releasing_the_others(
+    mot_checkpoint, tmp_path, trained_from
+):
+    script = ScriptArguments(model_name_or_path=str(mot_checkpoint))
+    replica = OneProcessArguments(tmp_path, should_save=False)
+    run_transition_tuning(script, replica, TransitionArguments())
+    assert not (tmp_path / "converted").exists()
+    main = OneProcessArguments(tmp_path, should_save=True)
+    run_transition_tuning(script, main, TransitionArguments())
+    assert main.saved_when_released and main.first_local is False  # one shared copy: the global main process first
+    assert trained_from == [str(tmp_path / "converted")] * 2
+
+
+def test_resuming_refuses_transition_arguments_other_than_the_saved_conversions(mot_checkpoint, tmp_path, trained_from):
+    args = OneProcessArguments(tmp_path, should_save=True)
+    run_transition_tuning(ScriptArguments(model_name_or_path=str(mot_checkpoint)), args, TransitionArguments(3))
+    resume = ScriptArguments(model_name_or_path=str(mot_checkpoint), resume=True)
+    for agreeing in (TransitionArguments(), TransitionArguments(num_experts_per_tok=3)):
+        run_transition_tuning(resume, args, agreeing)
+    message = r"`--num_experts_per_tok`=2 differs from the saved conversion's num_experts_per_tok=3"
+    with pytest.raises(ValueError, match=message):
+        run_transition_tuning(resume, args, TransitionArguments(num_experts_per_tok=2))
+    with pytest.raises(ValueError, match=r"`--capacity_factor`=1.5 differs from .* capacity_factor=None"):
+        run_transition_tuning(resume, args, TransitionArguments(capacity_factor=1.5))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], r"`--mot_run`=.* needs --skip_annealing"),
+        (["--skip_annealing"], r"has no metrics.jsonl with logged steps .* pass --mot_steps N"),
+        (["--skip_annealing", "--mot_steps", "0"], r"`--mot_steps`=0 must be an integer >= 1"),
+    ],
+    ids=["annealing", "no-step-count", "mot-steps-0"],
+)
+def test_transition_benchmark_refuses_a_mot_run_before_training(tmp_path, argv, message):
+    benchmark = load_script("benchmarks/transition.py")
+    with pytest.raises(ValueError, match=message):
+        benchmark.main(["--mot_run", str(tmp_path), "--runs_dir", str(tmp_path / "runs"), *argv])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_transition_benchmark_quick_mode_writes_its_results(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "transition.py"), "--quick", "--runs_dir", str(tmp_path)]
     command += ["--out", str(tmp_path / "transition.json")]
@@ -307,7 +473,13 @@ def test_transition_benchmark_quick_mode_writes_its_results(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "transition.json").read_text())
     assert (tmp_path / "transition.png").exists()
-    for key in ("mot", "after_switch", "tuned", "annealed_t0"):
-        assert results["validation_loss"][key] > 0, key
-    steps = [step for step, _ in results["tuning_curve"]]
-    assert steps[0] == 0 and steps[-1] == results["tuning_steps"]
+    loss, curve = results["validation_loss"], results["tuning_curve"]
+    assert set(loss) == {"mot", "mot_t0", "after_switch", "tuned", "annealed_t0"}
+    for key, value in [*loss.items(), *(("tuning curve", value) for _, value in curve)]:
+        assert math.isfinite(value) and value > 0, key
+    assert [step for step, _ in curve] == list(range(results["tuning_steps"] + 1))
+    # Tuning lowers the loss (by about 0.012 in 2 steps, at every seed tried), and the Trainer's last evaluation
+    # agrees with the benchmark's own evaluation of the final model.
+    assert curve[-1][1] < loss["after_switch"]
+    assert curve[-1][1] == pytest.approx(loss["tuned"], rel=1e-5)
+    assert results["annealed_curve"][-1][0] == results["mot_steps"]
