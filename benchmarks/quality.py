@@ -39,7 +39,7 @@ from mixture_of_tokens.training import (  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 # name -> (preset, config overrides). The backbone is `tiny` (G 16, d_ff 512). A FLOP-matched MoT expert is
 # f = G * d_ff / E wide, i.e. d_ff / k with k = E / G (the paper's "MoT/GE/k" naming): mot_e32 is k 2, mot_e128 is
-# k 8. MoT runs at T = 0.1 (at this scale it learned faster than the config's default T = 1, run mot_e32_t1).
+# k 8. MoT runs at T = 0.1, which led T = 1 (the config's default, run mot_e32_t1) early in a 400-step pilot.
 # Token and Expert Choice use E = G = 16 experts of width d_ff and one expert per token. Every model except the
 # dense one thus holds 16 times the dense MLP's parameters and spends the dense MLP's FLOPs per token.
 RUNS = {
