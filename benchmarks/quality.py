@@ -43,7 +43,9 @@ RESULTS = Path(__file__).parent / "results"
 # Token and Expert Choice use E = G = 16 experts of width d_ff and one expert per token. Every model except the
 # dense one thus holds 16 times the dense MLP's parameters and spends the dense MLP's FLOPs per token.
 RUNS = {
-    "dense": ("dense-tiny", {}),
+    # The reference: GPT-2's MLP with the experts' activation (ReLU, as in the paper), so only the layer differs.
+    "dense": ("dense-tiny", {"activation_function": "relu"}),
+    "dense_gelu": ("dense-tiny", {}),  # GPT-2's own gelu_new, as in the main job's dense twin
     "mot_e32": ("mot-tiny", {"n_experts": 32, "router_temperature": 0.1}),
     "mot_e128": ("mot-tiny", {"n_experts": 128, "router_temperature": 0.1}),
     "mot_e32_t1": ("mot-tiny", {"n_experts": 32, "router_temperature": 1.0}),
@@ -185,7 +187,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.plot(steps, losses, color=f"C{index}", marker=".", label=label, lw=2.2 if name == "dense" else 1.4)
     dense_final = summary["dense"]["final_validation_loss"]
     ax.axhline(dense_final, color="C0", ls=":", lw=1)
-    ax.set_ylim(dense_final - 0.6, dense_final + 1.2)
+    ax.set_ylim(dense_final - 0.15, dense_final + 1.2)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Equal FLOPs per token, same tokens and schedule")
