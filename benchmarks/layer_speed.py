@@ -98,15 +98,12 @@ def timed(step: Callable[[], None], device: str) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
-def time_setting(
-    d: int, n_experts: int, batch: int, seq_len: int, repeats: int, warmup: int, layer_types: tuple[str, ...]
-) -> dict[str, object]:
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.randn(batch, seq_len, d, device=device, requires_grad=True)
-    grad = torch.randn(batch, seq_len, d, device=device)
-    layers = build_layers(d, n_experts, layer_types)
-    steps = {name: make_step(layer.to(device), x, grad) for name, layer in layers.items()}
+def interleaved_times(
+    steps: dict[str, Callable[[], None]], device: str, repeats: int, warmup: int
+) -> tuple[dict[str, list[float]], int]:
+    """Milliseconds of each step over `repeats` rounds after `warmup`, all steps run once per round in alternating
+    order, so drifts of the machine hit them alike. A round during which other processes used the CPU is redone
+    (up to 3 * repeats times). Returns the times and the number of rounds redone."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     done = discarded = 0
     while done < warmup + repeats:
@@ -121,16 +118,31 @@ def time_setting(
             for name, ms in round_ms.items():
                 times[name].append(ms)
         done += 1
+    return times, discarded
+
+
+def median_ratio(times: list[float], reference: list[float]) -> float:
+    """The median of the per-round ratios: it cancels drifts of the machine's speed better than a ratio of medians."""
+    return statistics.median(a / b for a, b in zip(times, reference, strict=True))
+
+
+def time_setting(
+    d: int, n_experts: int, batch: int, seq_len: int, repeats: int, warmup: int, layer_types: tuple[str, ...]
+) -> dict[str, object]:
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(batch, seq_len, d, device=device, requires_grad=True)
+    grad = torch.randn(batch, seq_len, d, device=device)
+    layers = build_layers(d, n_experts, layer_types)
+    steps = {name: make_step(layer.to(device), x, grad) for name, layer in layers.items()}
+    times, discarded = interleaved_times(steps, device, repeats, warmup)
     return {
         "n_embd": d,
         "n_experts": n_experts,
         "expert_size": {name: layer.w_in.shape[-1] for name, layer in layers.items() if name != "dense"},
         "ms": {name: round(statistics.median(t), 3) for name, t in times.items()},
-        # The median of the per-repeat ratios cancels drifts of the machine's speed better than a ratio of medians.
         "ratio_to_dense": {
-            name: round(statistics.median(a / b for a, b in zip(t, times["dense"], strict=True)), 4)
-            for name, t in times.items()
-            if name != "dense"
+            name: round(median_ratio(t, times["dense"]), 4) for name, t in times.items() if name != "dense"
         },
         "discarded_rounds": discarded,
     }

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
-from layer_speed import machine_info, other_cpu_seconds, timed
+from layer_speed import interleaved_times, machine_info, median_ratio
 from quality import RUNS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -115,21 +115,7 @@ def measure_time(args: argparse.Namespace) -> tuple[dict[str, list[float]], int]
     for name in args.runs:
         torch.manual_seed(0)
         steps[name] = make_step(*build(name, args, device), ids)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    done = discarded = 0
-    while done < args.warmup + args.repeats:
-        order = list(steps) if done % 2 == 0 else list(reversed(steps))
-        other, wall = other_cpu_seconds(), 0.0
-        round_ms = {name: timed(steps[name], device) for name in order}
-        other, wall = other_cpu_seconds() - other, sum(round_ms.values()) / 1000
-        if done >= args.warmup and other > 0.1 * wall + 0.02 and discarded < 3 * args.repeats:
-            discarded += 1  # other processes took CPU time during this round: redo it
-            continue
-        if done >= args.warmup:
-            for name, ms in round_ms.items():
-                times[name].append(ms)
-        done += 1
-    return times, discarded
+    return interleaved_times(steps, device, args.repeats, args.warmup)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -167,9 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "one AdamW training step (forward, backward, clip, step), fp32; peak training memory",
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "memory_of")},
         "step_ms": {name: round(statistics.median(t), 2) for name, t in times.items()},
-        "step_time_ratio_to_dense": {
-            name: round(statistics.median(a / b for a, b in zip(t, dense, strict=True)), 3) for name, t in times.items()
-        },
+        "step_time_ratio_to_dense": {name: round(median_ratio(t, dense), 3) for name, t in times.items()},
         "peak_memory_mb": memory,
         "peak_memory_ratio_to_dense": {name: round(mb / memory["dense"], 2) for name, mb in memory.items()},
         "discarded_rounds": discarded,

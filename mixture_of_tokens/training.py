@@ -331,13 +331,17 @@ def load_tokenizer(
     return make_tokenizer(script.tokenizer, train_texts, script.vocab_size, output_dir)
 
 
+def check_run(config: Any, script: ScriptArguments, args: MoTTrainingArguments) -> None:
+    """Refuse a model config that the run's batches or temperature annealing cannot apply to."""
+    check_groups(config, args.per_device_train_batch_size, args.per_device_eval_batch_size)
+    if script.anneal_temperature:
+        check_annealing(config, script.anneal_fraction)
+
+
 def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer:
     """Prepare data, tokenizer and model, check the batch against the groups, train, save and plot."""
     if script.model_name_or_path is None:  # fail fast on a bad preset, config field or batch size
-        preset = preset_config(script.preset, **config_overrides(script.model))
-        check_groups(preset, args.per_device_train_batch_size, args.per_device_eval_batch_size)
-        if script.anneal_temperature:
-            check_annealing(preset, script.anneal_fraction)
+        check_run(preset_config(script.preset, **config_overrides(script.model)), script, args)
     output_dir = Path(args.output_dir)
     last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if last_checkpoint is not None:
@@ -364,10 +368,9 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
         validation_blocks = pack(validation_text, tokenizer, script.block_size, script.data_cache_dir)
     set_seed(args.seed)  # the same initial weights in every run with this seed (Trainer seeds only after this)
     model = build_model(script, tokenizer)
-    check_groups(model.config, args.per_device_train_batch_size, args.per_device_eval_batch_size)
+    check_run(model.config, script, args)
     callbacks = [JsonlMetricsCallback()]
     if script.anneal_temperature:
-        check_annealing(model.config, script.anneal_fraction)
         callbacks.append(TemperatureAnnealingCallback(model.config.router_temperature, script.anneal_fraction))
     validation_blocks = head(validation_blocks, script.max_eval_blocks)
     trainer = MoTTrainer(
