@@ -4,7 +4,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "motgpt.md"
+TEMPLATE = Path(__file__).parent / "templates" / "motgpt.md"
 # Result key -> (dataset type, dataset name, split) for the model-index.
 CORPORA = {
     "validation": ("sotu", "State of the Union addresses, 20 latest held out", "validation"),
