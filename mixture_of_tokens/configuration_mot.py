@@ -74,11 +74,20 @@ class MoTGPTConfig(GPT2Config):
             to sum to 1. `None` (default) renormalizes when `num_experts_per_tok > 1` (Mixtral) and keeps the raw
             probability for a single expert (Switch, whose router then learns through its gate). `True` always
             renormalizes (with one expert the gate is 1, as transition tuning uses it); `False` never does.
-        router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
+        router_aux_loss_coef (`float`, *optional*):
             Token Choice: weight of the Switch load-balancing loss added to the language-modeling loss when
-            `output_router_logits` is on.
+            `output_router_logits` is on. `None` (default) means 0.01 for `ffn_type="token_choice"` and 0 for every
+            other layer type: MoT, uniform MoT and Expert Choice are balanced by construction, so they take no
+            load-balancing loss, and a non-zero value for them is refused (trainers such as TRL's `SFTTrainer` read
+            this field to decide whether to add one).
         output_router_logits (`bool`, *optional*, defaults to `False`):
-            Whether the model returns each MoT layer's controller logits, of shape `(batch_size, seq_len, n_experts)`.
+            Whether the model returns each expert layer's controller (router) logits, of shape
+            `(batch_size * seq_len, n_experts)` as in Mixtral.
+
+    Names used by other MoE models are mapped through `attribute_map`, so tools that read them (TRL, PEFT,
+    transformers' MoE utilities) find them: `num_experts` and `num_local_experts` are `n_experts`,
+    `moe_intermediate_size` is the resolved expert width (`expert_size_resolved`), and GPT-2's own map gives
+    `hidden_size`, `num_hidden_layers`, `num_attention_heads` and `max_position_embeddings`.
 
     Example:
 
@@ -93,6 +102,11 @@ class MoTGPTConfig(GPT2Config):
     """
 
     model_type = "motgpt"
+    attribute_map = GPT2Config.attribute_map | {
+        "num_experts": "n_experts",
+        "num_local_experts": "n_experts",
+        "moe_intermediate_size": "expert_size_resolved",
+    }
 
     n_experts: int = 32
     group_size: int = 32
@@ -107,7 +121,7 @@ class MoTGPTConfig(GPT2Config):
     num_experts_per_tok: int = 1
     capacity_factor: float | int | None = 1.0
     norm_topk_prob: bool | None = None
-    router_aux_loss_coef: float | int = 0.01
+    router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
@@ -122,6 +136,8 @@ class MoTGPTConfig(GPT2Config):
             },
         )
         super().__post_init__(**kwargs)
+        if self.router_aux_loss_coef is None:
+            self.router_aux_loss_coef = 0.01 if self.ffn_type == "token_choice" else 0.0
         self._check_mot_fields()
 
     def _check_mot_fields(self) -> None:
@@ -215,6 +231,12 @@ class MoTGPTConfig(GPT2Config):
             )
         if not (_is_number(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
             raise ValueError(f"`router_aux_loss_coef` must be a number >= 0, got {self.router_aux_loss_coef!r}.")
+        if self.ffn_type != "token_choice" and self.router_aux_loss_coef != 0:
+            raise ValueError(
+                f"`router_aux_loss_coef`={self.router_aux_loss_coef!r} is only for ffn_type='token_choice'; "
+                f"ffn_type={self.ffn_type!r} is balanced by construction and takes no load-balancing loss: "
+                "leave it None (or 0)."
+            )
         if not (_is_number(self.mot_init_scale) and self.mot_init_scale > 0):
             raise ValueError(f"`mot_init_scale` must be > 0, got {self.mot_init_scale!r}.")
         if self.add_cross_attention:
@@ -227,12 +249,17 @@ class MoTGPTConfig(GPT2Config):
 
     @property
     def expert_size_resolved(self) -> int:
-        """The expert width f actually used: `expert_size`, or the FLOP-matched width of `ffn_type`."""
+        """The expert width f actually used: `expert_size`, or the FLOP-matched width of `ffn_type`. Setting it (also
+        as `moe_intermediate_size`) sets `expert_size`."""
         if self.expert_size is not None:
             return self.expert_size
         if self.ffn_type in ("token_choice", "expert_choice"):
             return self.d_ff // self.num_experts_per_tok
         return self.group_size * self.d_ff // self.n_experts
+
+    @expert_size_resolved.setter
+    def expert_size_resolved(self, value: int) -> None:
+        self.expert_size = value
 
     @property
     def expert_choice_capacity(self) -> int:

@@ -21,11 +21,13 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mot import MoTGPTConfig, _is_number
+
+logger = logging.get_logger(__name__)
 
 TINY_TEMPERATURE = torch.finfo(torch.float32).tiny
 
@@ -89,6 +91,18 @@ def check_token_mask(attention_mask: torch.Tensor | None, hidden_states: torch.T
             f"{tuple(hidden_states.shape[:2])}, got {tuple(attention_mask.shape)}."
         )
     return attention_mask.bool()
+
+
+def _is_packed(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> bool:
+    """Whether some row holds several sequences: its position ids fail to increase between two real tokens (left
+    padding, whose positions `generate` fills with 1s, is not a restart)."""
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return False
+    restart = position_ids[..., 1:] <= position_ids[..., :-1]
+    if attention_mask is not None and attention_mask.ndim == 2:
+        real = attention_mask[:, -position_ids.shape[-1] :].bool()
+        restart = restart & real[:, 1:] & real[:, :-1]
+    return bool(restart.any())
 
 
 class ExpertLayer(nn.Module):
@@ -170,7 +184,7 @@ class MoTLayer(ExpertLayer):
 
         Returns:
             The update to add to the residual stream, `(batch_size, seq_len, n_embd)`, and the controller logits,
-            `(batch_size, seq_len, n_experts)`.
+            `(batch_size * seq_len, n_experts)` (flattened, as Mixtral's router logits, which MoE tools read).
         """
         check_router_temperature(router_temperature)
         batch_size, seq_len, d = hidden_states.shape
@@ -200,7 +214,7 @@ class MoTLayer(ExpertLayer):
         router_logits = router_logits.view(n_slots, seq_len, n_experts)
         if n_slots != batch_size:
             update, router_logits = update[:batch_size], router_logits[:batch_size]
-        return self.dropout(update), router_logits
+        return self.dropout(update), router_logits.flatten(0, 1)
 
     def _temperature(self, router_temperature: float | None) -> float | torch.Tensor:
         # A positive T below float32's smallest normal number would round to 0 and give 0 / 0 = NaN for each group's
@@ -232,7 +246,7 @@ class TokenChoiceLayer(ExpertLayer):
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, router_temperature=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`hidden_states` `(batch_size, seq_len, n_embd)`, 0/1 `attention_mask` `(batch_size, seq_len)` ->
-        the update `(batch_size, seq_len, n_embd)` and the router logits `(batch_size, seq_len, n_experts)`.
+        the update `(batch_size, seq_len, n_embd)` and the router logits `(batch_size * seq_len, n_experts)`.
         `router_temperature` is accepted for a common signature and ignored."""
         # Position-major order (all rows' tokens at position 0 first): capacity then goes to earlier positions
         # first, so what is dropped at a position never depends on later tokens and the model stays causal.
@@ -271,7 +285,7 @@ class TokenChoiceLayer(ExpertLayer):
         weighted = outputs * gates[kept, None].to(outputs.dtype)
         update = x.new_zeros(x.shape).index_add(0, token[kept], weighted)
         update = update.view(seq_len, batch_size, -1).transpose(0, 1)
-        return self.dropout(update), router_logits.view(seq_len, batch_size, -1).transpose(0, 1)
+        return self.dropout(update), router_logits.view(seq_len, batch_size, -1).transpose(0, 1).flatten(0, 1)
 
 
 class ExpertChoiceLayer(ExpertLayer):
@@ -307,7 +321,7 @@ class ExpertChoiceLayer(ExpertLayer):
         update = torch.zeros_like(x_flat).index_add(0, rows.flatten(), outputs.flatten(0, 1))
         update = update.view(n_groups * self.group_size, seq_len, d)[:batch_size]
         router_logits = router_logits.reshape(-1, seq_len, router_logits.shape[-1])[:batch_size]
-        return self.dropout(update), router_logits
+        return self.dropout(update), router_logits.flatten(0, 1)
 
 
 EXPERT_LAYERS = {
@@ -418,10 +432,57 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
         self.h = nn.ModuleList([MoTGPTBlock(config, layer_idx=i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
+        self._checked_training_batch = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
+
+    def _check_grouped_batch(
+        self,
+        batch_size: int,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        kwargs: dict,
+    ) -> None:
+        """Refuse inputs whose rows are not whole sequences that a MoT group can mix: a 4-D mask, sequences packed
+        into one row, and, at the first training step, a batch that does not hold whole groups."""
+        remedy = (
+            "Feed one sequence per row with the 2-D `attention_mask` (padding is kept out of the mixtures), serve with "
+            "group-aware batching (`mot-serve`), or convert the model with transition tuning (`mot-transition-tune`) "
+            "into a Token Choice model that needs no groups."
+        )
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(
+                "MoTGPT's MoT layers mix the tokens of `group_size` batch rows at each position, so they need the 2-D "
+                f"padding mask (batch_size, past_len + seq_len); got a {attention_mask.ndim}-D `attention_mask` (as "
+                f"continuous batching or a packed batch gives). {remedy}"
+            )
+        if "cu_seq_lens_q" in kwargs or _is_packed(position_ids, attention_mask):
+            raise ValueError(
+                "MoTGPT got several sequences packed into one row (position_ids restart inside a row, as padding-free "
+                "packing gives): each would be mixed with the tokens of unrelated sequences and, with one row, in a "
+                "group of one. With TRL's SFTTrainer set `padding_free=False` and `packing_strategy='wrapped'` (or "
+                f"`packing=False`). {remedy}"
+            )
+        if self.training and torch.is_grad_enabled() and not self._checked_training_batch:
+            # Checked once, at the first training step (train mode, gradients on), where the per-device batch size
+            # shows. A smaller last batch of an epoch later on trains with a smaller last group, as any batch does.
+            group_size = self.config.group_size
+            if batch_size < group_size:
+                raise ValueError(
+                    f"the first training batch holds {batch_size} rows, fewer than the model's group_size={group_size}: "
+                    f"every token would be mixed in a group of {batch_size} instead of {group_size}. Set the per-device "
+                    f"training batch size (`per_device_train_batch_size`) to a multiple of {group_size}, and do not "
+                    "pack sequences into one row (TRL: padding_free=False)."
+                )
+            if batch_size % group_size:
+                logger.warning(
+                    f"The first training batch holds {batch_size} rows, not a multiple of group_size={group_size}: if "
+                    f"every batch is that large, its last {batch_size % group_size} rows always train in a smaller "
+                    "group. A multiple of group_size avoids it."
+                )
+            self._checked_training_batch = True
 
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.wte = new_embeddings
@@ -461,12 +522,11 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
             inputs_embeds = self.wte(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
 
-        if attention_mask is not None and attention_mask.ndim != 2:
-            raise ValueError(
-                "MoTGPT needs the 2-D padding mask `attention_mask` of shape (batch_size, past_len + seq_len) to "
-                f"keep padding out of the MoT mixtures, got a {attention_mask.ndim}-D tensor."
-            )
-        token_mask = None if attention_mask is None else attention_mask[:, -seq_len:]
+        if self.config.uses_groups:
+            self._check_grouped_batch(batch_size, attention_mask, position_ids, kwargs)
+        # A 4-D mask (continuous batching hands one) reaches only a model without groups: its expert layers, if any,
+        # treat every token as real, and attention takes the mask as it is.
+        token_mask = None if attention_mask is None or attention_mask.ndim != 2 else attention_mask[:, -seq_len:]
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -556,10 +616,10 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         aux_loss = None
         if output_router_logits and self.config.ffn_type == "token_choice" and outputs.router_logits:
             # Switch's load-balancing loss; MoT and Expert Choice are balanced by construction and need none.
-            seq_len = outputs.router_logits[0].shape[1]
-            mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
+            seq_len = outputs.last_hidden_state.shape[1]
+            mask = attention_mask[:, -seq_len:] if attention_mask is not None and attention_mask.ndim == 2 else None
             aux_loss = load_balancing_loss_func(
-                tuple(r.flatten(0, 1) for r in outputs.router_logits),
+                outputs.router_logits,
                 self.config.n_experts,
                 self.config.num_experts_per_tok,
                 mask,
@@ -575,6 +635,20 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """[`~ContinuousMixin.init_continuous_batching`] (behind `generate_batch` and `transformers serve
+        --continuous-batching`) for a model without groups; a model with MoT groups is refused here, where the caller
+        sees the error (inside the batching loop it would only be logged, and every request would come back empty)."""
+        if self.config.uses_groups:
+            raise ValueError(
+                "continuous batching flattens all requests into one row, so a model with MoT layers (ffn_type="
+                f"{self.config.ffn_type!r}, group_size={self.config.group_size}) would mix each request's tokens with "
+                "unrelated ones. Use `mot-serve` (group-aware batching), `generate` on batches of group_size rows "
+                "(or with `group_fillers`), or convert the model with `mot-transition-tune` into a Token Choice model, "
+                "which works with continuous batching."
+            )
+        return super().init_continuous_batching(*args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,

@@ -120,6 +120,7 @@ def token_choice_config(
         "expert_size": config.expert_size_resolved,
         "learnable_temperature": "none",  # the temperature is folded into the router
         "output_router_logits": config.output_router_logits or balance,
+        "router_aux_loss_coef": None,  # Token Choice's default weight; MoT configs hold 0
     }
     return type(config)(**fields)
 

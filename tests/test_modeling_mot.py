@@ -58,7 +58,7 @@ def test_forward_returns_moe_output_with_loss_and_router_logits():
     assert out.logits.shape == (B, S, VOCAB_SIZE)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert out.aux_loss is None
-    assert len(out.router_logits) == 2 and all(r.shape == (B, S, 4) for r in out.router_logits)
+    assert len(out.router_logits) == 2 and all(r.shape == (B * S, 4) for r in out.router_logits)
     assert len(out.hidden_states) == 4
     manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB_SIZE), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, manual)
@@ -71,7 +71,7 @@ def test_router_logits_are_the_controller_logits():
     captured = {}
     model.transformer.h[1].ln_2.register_forward_hook(lambda module, args, out: captured.update(x=out))
     router_logits = model(ids, output_router_logits=True).router_logits
-    torch.testing.assert_close(router_logits[1], captured["x"] @ model.transformer.h[1].mlp.controller)
+    torch.testing.assert_close(router_logits[1], (captured["x"] @ model.transformer.h[1].mlp.controller).flatten(0, 1))
 
 
 def test_config_flag_turns_on_router_logits():

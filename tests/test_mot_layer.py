@@ -71,7 +71,7 @@ def test_output_and_router_logits_shapes():
     layer = make_layer()
     update, router_logits = layer(torch.randn(B, S, D, dtype=torch.float64))
     assert update.shape == (B, S, D)
-    assert router_logits.shape == (B, S, 4)
+    assert router_logits.shape == (B * S, 4)
 
 
 def test_changing_a_later_position_leaves_earlier_positions_unchanged():
