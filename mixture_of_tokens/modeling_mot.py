@@ -471,10 +471,10 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
             group_size = self.config.group_size
             if batch_size < group_size:
                 raise ValueError(
-                    f"the first training batch holds {batch_size} rows, fewer than the model's group_size={group_size}: "
-                    f"every token would be mixed in a group of {batch_size} instead of {group_size}. Set the per-device "
-                    f"training batch size (`per_device_train_batch_size`) to a multiple of {group_size}, and do not "
-                    "pack sequences into one row (TRL: padding_free=False)."
+                    f"the first training batch holds {batch_size} rows, fewer than the model's "
+                    f"group_size={group_size}: every token would be mixed in a group of {batch_size} instead of "
+                    f"{group_size}. Set the per-device training batch size (`per_device_train_batch_size`) to a "
+                    f"multiple of {group_size}, and do not pack sequences into one row (TRL: padding_free=False)."
                 )
             if batch_size % group_size:
                 logger.warning(
