@@ -69,7 +69,7 @@ def render_model_card(
 ) -> ModelCard:
     """A model card with YAML metadata (including a `model-index` of `eval_results`) and the body from the template.
 
-    `eval_results` is what `scripts/evaluate_model.py` writes; `dense_twin` (a model) gives the FLOPs comparison.
+    `eval_results` is what `mot-evaluate` writes; `dense_twin` (a model) gives the FLOPs comparison.
     """
     results = [
         EvalResult(
@@ -86,7 +86,7 @@ def render_model_card(
         for grouping, result in by_grouping.items()
     ]
     if not results:
-        raise ValueError("`eval_results` holds no evaluation results: run scripts/evaluate_model.py first.")
+        raise ValueError("`eval_results` holds no evaluation results: run mot-evaluate first.")
     config = model.config
     total, active = parameter_counts(model)
     flops_ratio = f"{flops_per_token(model) / flops_per_token(dense_twin):.3f}x" if dense_twin is not None else "n/a"

@@ -283,7 +283,7 @@ class TokenChoiceLayer(ExpertLayer):
         dispatched = x.new_zeros(n_experts * capacity, x.shape[-1]).index_copy(0, flat_slot, x[token[kept]])
         outputs = self.experts(dispatched.view(n_experts, capacity, -1)).flatten(0, 1)[flat_slot]
         weighted = outputs * gates[kept, None].to(outputs.dtype)
-        update = x.new_zeros(x.shape).index_add(0, token[kept], weighted)
+        update = weighted.new_zeros(x.shape).index_add(0, token[kept], weighted)  # autocast: outputs may be bf16
         update = update.view(seq_len, batch_size, -1).transpose(0, 1)
         return self.dropout(update), router_logits.view(seq_len, batch_size, -1).transpose(0, 1).flatten(0, 1)
 

@@ -1,6 +1,13 @@
-"""Pretraining and fine-tuning MoTGPT (or any causal LM) with `transformers.Trainer`.
+"""Pretraining and fine-tuning MoTGPT (or any causal LM) with `transformers.Trainer`: `mot-train` and `mot-finetune`.
 
-The command-line scripts in `scripts/` are thin wrappers around `parse_args` and `run_training`.
+    mot-train --preset mot-tiny --output_dir runs/mot-tiny --max_steps 300
+    mot-train --config_file my_run.yaml --learning_rate 1e-3     # the command line wins
+    mot-train --output_dir runs/mot-tiny --resume true           # continue where it stopped
+    mot-finetune --model_name_or_path runs/mot-tiny --corpus notes/*.txt --output_dir runs/tuned
+
+Every MoTGPTConfig field: --model n_experts=64 group_size=16 'mot_layers=[2,3]'. Every TrainingArguments field
+works as in transformers (--per_device_train_batch_size, --eval_steps, --bf16, ...); the defaults follow the paper.
+`mot-finetune` takes any causal LM checkpoint (MoTGPT or not) and the same arguments, with a lower learning rate.
 """
 
 import json
@@ -25,6 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from .configuration_mot import MoTGPTConfig
 from .data import head, load_sotu, load_text, make_tokenizer, pack
+from .fillers import build_filler_bank, save_filler_bank
 from .modeling_mot import MoTGPTForCausalLM, MoTLayer
 
 # Model presets: each MoT preset has a dense twin ("dense-*": the same network with no MoT block), so the two spend
@@ -53,7 +61,7 @@ def preset_config(preset: str, **overrides: Any) -> MoTGPTConfig:
 
 @dataclass
 class ScriptArguments:
-    """What the training scripts add to `TrainingArguments`."""
+    """What `mot-train` and `mot-finetune` add to `TrainingArguments`."""
 
     preset: str = field(default="mot-tiny", metadata={"help": f"model preset, one of {sorted(PRESETS)}"})
     model_name_or_path: str | None = field(
@@ -385,8 +393,20 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
     trainer.train(resume_from_checkpoint=script.resume or None)
     trainer.save_model(str(output_dir))  # on every process: FSDP and DeepSpeed gather weights there
     if trainer.is_world_process_zero():
+        save_training_fillers(model.config, train_blocks, output_dir)
         plot_loss_curves({output_dir.name: read_metrics(output_dir)}, output_dir / "loss_curves.png")
     return trainer
+
+
+def save_training_fillers(config: Any, train_blocks, output_dir: Path) -> None:
+    """Save `group_size - 1` training blocks, spread over the corpus, as the checkpoint's filler bank (see
+    `mixture_of_tokens.fillers`), for a model whose layers need groups."""
+    if not getattr(config, "uses_groups", False) or config.group_size < 2:
+        return
+    n_rows = config.group_size - 1
+    stride = max(1, len(train_blocks) // (4 * n_rows))  # candidates spread over the corpus; some hold an EOS
+    candidates = train_blocks.select(range(0, len(train_blocks), stride))["input_ids"]
+    save_filler_bank(build_filler_bank(candidates, n_rows, config.eos_token_id), output_dir, config.group_size)
 
 
 def train_or_reuse(script: ScriptArguments, args: MoTTrainingArguments, run=run_training) -> bool:
@@ -426,3 +446,20 @@ def _run_arguments(script: ScriptArguments, args: MoTTrainingArguments) -> dict:
     fields = {f"--{key}": value for key, value in asdict(script).items() if key != "resume"}
     fields |= {f"--{key}": getattr(args, key) for key in _RECORDED_TRAINING_ARGUMENTS}
     return json.loads(json.dumps(fields, default=str))  # as it reads back from the file
+
+
+FINETUNE_DEFAULTS = ["--learning_rate", "1e-4", "--max_steps", "100", "--output_dir", "runs/finetuned"]
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """`mot-train`: pretrain a preset (or `--model_name_or_path`) as the arguments say."""
+    run_training(*parse_args(argv))
+
+
+def finetune_main(argv: list[str] | None = None) -> None:
+    """`mot-finetune`: fine-tune the checkpoint `--model_name_or_path` with the fine-tuning defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script, args = parse_args(FINETUNE_DEFAULTS + argv)
+    if script.model_name_or_path is None:
+        raise ValueError("`--model_name_or_path` is required: the checkpoint (folder or Hub name) to fine-tune.")
+    run_training(script, args)

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 CONVERTIBLE_FFN_TYPES = ("mot", "uniform_mot")
 # The smallest source temperature converted (see the module docstring): far above where controller / T overflows.
 MIN_SOURCE_TEMPERATURE = 1e-6
-# Fine-tuning defaults of `scripts/transition_tune.py`, placed before the user's arguments (which win).
+# Fine-tuning defaults of `mot-transition-tune`, placed before the user's arguments (which win).
 TRANSITION_DEFAULTS = [
     "--learning_rate", "3e-4", "--warmup_steps", "0.1", "--max_steps", "100", "--output_dir", "runs/transition-tuned",
 ]  # fmt: skip
@@ -63,7 +63,7 @@ TRANSITION_DEFAULTS = [
 
 @dataclass
 class TransitionArguments:
-    """What `scripts/transition_tune.py` adds to the training scripts' arguments."""
+    """What `mot-transition-tune` adds to the training' arguments."""
 
     num_experts_per_tok: int | None = field(
         default=None, metadata={"help": "experts per token k; default: the FLOP-matched d_ff / expert_size"}
@@ -251,6 +251,65 @@ def check_saved_conversion(converted_dir: Path, transition: TransitionArguments)
                 "kept), or convert again into another --output_dir."
             )
 
+
+
+TRANSITION_USAGE = """Transition tuning: convert a trained MoTGPT checkpoint into a batch-independent Token Choice
+model and fine-tune it.
+
+    mot-transition-tune --model_name_or_path runs/mot-tiny --output_dir runs/mot-tiny-tc --max_steps 30
+    mot-transition-tune --model_name_or_path runs/mot-tiny --corpus notes/*.txt --num_experts_per_tok 2
+
+Every MoT layer becomes a Token Choice layer (controller / temperature -> router, experts -> experts, output
+projections times n_experts / group_size; see `mixture_of_tokens.transition`). The converted model is saved, with the
+tokenizer, in OUTPUT_DIR/converted, then fine-tuned like `mot-finetune` into OUTPUT_DIR: `--corpus`, `--validation`,
+`--resume` and every argument of `mot-train` work the same (all listed here), with other defaults:
+`--learning_rate 3e-4 --warmup_steps 0.1 --max_steps 100 --output_dir runs/transition-tuned`.
+`--num_experts_per_tok` (default: FLOP-matched d_ff / expert_size) and `--capacity_factor` (default: no limit, which
+keeps the model batch-independent) set the Token Choice layers. The result loads with `AutoModelForCausalLM`, with or
+without this package installed (`trust_remote_code=True` then).
+"""
+
+
+def print_help() -> None:
+    """Every argument `mot-transition-tune` takes, the training ones included, with the transition-tuning defaults."""
+    import argparse
+
+    from transformers import HfArgumentParser
+
+    from .training import MoTTrainingArguments, ScriptArguments
+
+    class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The usage text as written, and every argument's default."""
+
+    parser = HfArgumentParser(
+        (TransitionArguments, ScriptArguments, MoTTrainingArguments),
+        prog="mot-transition-tune",
+        description=TRANSITION_USAGE,
+        formatter_class=HelpFormatter,
+    )
+    # The help must show the defaults this command trains with, not those of mot-train.
+    pairs = zip(TRANSITION_DEFAULTS[::2], TRANSITION_DEFAULTS[1::2], strict=True)
+    parser.set_defaults(**{key.removeprefix("--"): value for key, value in pairs})
+    parser.print_help()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`mot-transition-tune`."""
+    import sys
+
+    from transformers import HfArgumentParser
+
+    from .training import parse_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return
+    transition, rest = HfArgumentParser(TransitionArguments).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
+    script, args = parse_args(TRANSITION_DEFAULTS + rest)
+    run_transition_tuning(script, args, transition)
 
 __all__ = [
     "MIN_SOURCE_TEMPERATURE",

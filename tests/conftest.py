@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,6 +34,11 @@ def tiny_config(**overrides) -> MoTGPTConfig:
     )
     fields.update(overrides)
     return MoTGPTConfig(**fields)
+
+
+def console_script(name: str) -> str:
+    """The path of an installed console entry point (`mot-train`, ...) of this environment."""
+    return str(Path(sys.executable).parent / name)
 
 
 def random_ids(batch_size: int, seq_len: int, seed: int = 0) -> torch.Tensor:

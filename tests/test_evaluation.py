@@ -4,12 +4,11 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_ids, tiny_config
+from conftest import console_script, random_ids, tiny_config
 from datasets import Dataset
 
 from mixture_of_tokens import MoTGPTForCausalLM
@@ -72,7 +71,7 @@ def test_evaluate_script_writes_results(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     command = [
-        sys.executable, str(ROOT / "scripts" / "evaluate_model.py"), str(tmp_path / "model"), "--max_blocks", "6",
+        console_script("mot-evaluate"), str(tmp_path / "model"), "--max_blocks", "6",
         "--grouping", "batch", "single", "--data_cache_dir", str(tmp_path / "cache"),
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=600)

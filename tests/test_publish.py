@@ -3,12 +3,11 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import lay_out_hub_cache, run_without_package, tiny_config
+from conftest import console_script, lay_out_hub_cache, run_without_package, tiny_config
 from huggingface_hub import ModelCard
 
 from mixture_of_tokens import MoTGPTForCausalLM
@@ -35,7 +34,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def publish(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "publish.py"), *args],
+        [console_script("mot-publish"), *args],
         capture_output=True,
         text=True,
         env=os.environ | {"HF_HUB_OFFLINE": "1"},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import console_script
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -119,7 +120,7 @@ def test_finetune_script_tunes_a_non_mot_checkpoint_on_a_text_file(corpus, tmp_p
     gpt2.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     command = [
-        sys.executable, str(ROOT / "scripts" / "finetune.py"), "--model_name_or_path", str(tmp_path / "base"),
+        console_script("mot-finetune"), "--model_name_or_path", str(tmp_path / "base"),
         "--corpus", corpus["train"], "--validation", corpus["valid"], "--block_size", "32",
         "--data_cache_dir", corpus["cache"], "--output_dir", str(tmp_path / "tuned"), "--max_steps", "6",
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--eval_steps", "6",
@@ -157,7 +158,7 @@ def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(corpus, tmp
     double.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (double / name).write_bytes((single / name).read_bytes())
-    script = [str(ROOT / "scripts" / "train.py"), *tiny_run(corpus, double, *steps)]  # per-device batch 8, G 4
+    script = [console_script("mot-train"), *tiny_run(corpus, double, *steps)]  # per-device batch 8, G 4
     subprocess.run(
         LAUNCHERS[launcher](free_port()) + script,
         check=True,

@@ -31,6 +31,7 @@ from mixture_of_tokens.training import (
 from mixture_of_tokens.transition import (
     TRANSITION_DEFAULTS,
     TransitionArguments,
+    main,
     mot_to_token_choice,
     run_transition_tuning,
 )
@@ -368,7 +369,6 @@ def mot_checkpoint(corpus, tmp_path_factory) -> Path:
 
 
 def test_transition_script_converts_and_tunes_a_checkpoint_into_a_token_choice_model(corpus, mot_checkpoint, tmp_path):
-    main = load_script("scripts/transition_tune.py").main
     # A batch of 4 is not a multiple of group_size 3: refused for MoT, fine for the converted model.
     main(
         data_args(corpus)
@@ -392,7 +392,7 @@ def test_transition_script_converts_and_tunes_a_checkpoint_into_a_token_choice_m
 
 
 def test_transition_script_help_lists_the_training_arguments_and_its_own_defaults(capsys):
-    load_script("scripts/transition_tune.py").main(["--help"])
+    main(["--help"])
     shown = capsys.readouterr().out
     for argument in ("--num_experts_per_tok", "--capacity_factor", "--corpus", "--resume", "--learning_rate"):
         assert argument in shown, argument

@@ -1,12 +1,13 @@
 """Publish a trained checkpoint: write exactly the folder a Hub repo gets, and optionally upload it.
 
-    python scripts/evaluate_model.py runs/mot-tiny                      # the card needs evaluation results
-    python scripts/publish.py runs/mot-tiny --dry-run out/mot-tiny      # write the folder, upload nothing
-    python scripts/publish.py runs/mot-tiny --repo-id ORG/NAME          # the same folder, uploaded
+    mot-evaluate runs/mot-tiny                                # the card needs evaluation results
+    mot-publish runs/mot-tiny --dry-run out/mot-tiny          # write the folder, upload nothing
+    mot-publish runs/mot-tiny --repo-id ORG/NAME              # the same folder, uploaded
 
 The folder holds safetensors weights, config.json with `auto_map`, configuration_mot.py and modeling_mot.py (so it
 loads with trust_remote_code=True where this package is not installed), the tokenizer, generation_config.json with a
-pad token, and README.md rendered from model_cards/motgpt.md with the results of scripts/evaluate_model.py.
+pad token, the filler bank `group_fillers.json` when the run saved one, and README.md rendered from the package's
+`templates/motgpt.md` with the results of `mot-evaluate`.
 """
 
 import argparse
@@ -16,11 +17,14 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mixture_of_tokens.card import render_model_card
+from .card import render_model_card
+from .fillers import FILLER_FILE
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mot-publish", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", help="a trained run or checkpoint folder (with its tokenizer)")
     parser.add_argument("--dry-run", dest="dry_run", help="write the folder here and upload nothing")
     parser.add_argument("--repo-id", dest="repo_id", help="ORG/NAME on the Hub")
@@ -28,7 +32,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dense-twin", dest="dense_twin", help="the dense twin's folder, for the FLOPs comparison")
     parser.add_argument("--training-details", dest="training_details", default="See the project's README.")
     parser.add_argument("--private", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.dry_run and not args.repo_id:
         parser.error("give --dry-run DIR, --repo-id ORG/NAME, or both")
     return args
@@ -52,7 +56,7 @@ def write_release(checkpoint: Path, folder: Path, args: argparse.Namespace) -> P
     eval_path = Path(args.eval_results) if args.eval_results else checkpoint / "eval_results.json"
     if not eval_path.is_file():
         raise ValueError(
-            f"no evaluation results at {str(eval_path)!r}: run `python scripts/evaluate_model.py {checkpoint}` first "
+            f"no evaluation results at {str(eval_path)!r}: run `mot-evaluate {checkpoint}` first "
             "(a published card must report them)."
         )
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
@@ -68,12 +72,15 @@ def write_release(checkpoint: Path, folder: Path, args: argparse.Namespace) -> P
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    if (checkpoint / FILLER_FILE).is_file():
+        (folder / FILLER_FILE).write_bytes((checkpoint / FILLER_FILE).read_bytes())
     card.save(folder / "README.md")
     return folder
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    """`mot-publish`."""
+    args = parse_args(argv)
     checkpoint = Path(args.checkpoint)
     if args.dry_run:
         folder = write_release(checkpoint, Path(args.dry_run), args)
@@ -88,6 +95,3 @@ def main() -> None:
             api.upload_folder(folder_path=str(folder), repo_id=args.repo_id, commit_message="Upload MoTGPT")
         print(f"uploaded to https://huggingface.co/{args.repo_id}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """The main job: train a small MoT model and its dense twin on the bundled corpus, evaluate both, generate samples
 through `pipeline`, and write a report folder.
 
-    python scripts/main_job.py                      # defaults: mot-tiny vs dense-tiny, about 15 minutes on 2 cores
-    python scripts/main_job.py --max_steps 20       # a quick smoke run
+    mot-main                      # defaults: mot-tiny vs dense-tiny, about 10 minutes on 2 cores
+    mot-main --max_steps 20       # a quick smoke run
 
 Runs live in RUNS_DIR/<preset>; an interrupted job resumes from their checkpoints, and finished runs are reused.
 The report (REPORT_DIR) holds metrics.json, loss_curves.png, samples.md, samples.json and model_card.md.
@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from mixture_of_tokens.card import flops_per_token, parameter_counts, render_model_card
-from mixture_of_tokens.evaluation import evaluate_on_corpora
-from mixture_of_tokens.training import (
+from .card import flops_per_token, parameter_counts, render_model_card
+from .evaluation import evaluate_on_corpora
+from .fillers import load_filler_bank
+from .training import (
     MoTTrainingArguments,
     ScriptArguments,
     plot_loss_curves,
@@ -38,8 +39,10 @@ PROMPTS = [
 ]
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mot-main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", nargs=2, default=["mot-tiny", "dense-tiny"], help="the MoT model and its twin")
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=32)
@@ -49,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--report_dir", default="report")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def train(preset: str, args: argparse.Namespace) -> Path:
@@ -72,14 +75,18 @@ def train(preset: str, args: argparse.Namespace) -> Path:
 
 
 def generate_samples(run: Path, prompts: list[str]) -> list[dict]:
-    """Greedy continuations of all prompts, as one batch (one MoT group), through `pipeline`."""
+    """Greedy continuations of the prompts through `pipeline`, one at a time; a MoT model places each prompt in a
+    group completed by the run's filler bank, so each text depends on its prompt only."""
     generator = pipeline("text-generation", model=str(run))
-    outputs = generator(prompts, max_new_tokens=40, do_sample=False, batch_size=len(prompts), return_full_text=True)
+    config = generator.model.config
+    kwargs = {"group_fillers": load_filler_bank(run, config.group_size)} if config.uses_groups else {}
+    outputs = generator(prompts, max_new_tokens=40, do_sample=False, batch_size=1, return_full_text=True, **kwargs)
     return [{"prompt": prompt, "text": out[0]["generated_text"]} for prompt, out in zip(prompts, outputs, strict=True)]
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    """`mot-main`."""
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     report = Path(args.report_dir)
     report.mkdir(parents=True, exist_ok=True)
@@ -115,7 +122,7 @@ def main() -> None:
     (report / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_loss_curves({preset: read_metrics(run) for preset, run in runs.items()}, report / "loss_curves.png")
     (report / "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
-    lines = ["# Samples (greedy, 40 new tokens, all prompts in one batch)", ""]
+    lines = ["# Samples (greedy, 40 new tokens; MoT: each prompt in a group with the run's fillers)", ""]
     for preset, items in samples.items():
         lines += [f"## {preset}", ""] + [f"- {item['text']!r}" for item in items] + [""]
     (report / "samples.md").write_text("\n".join(lines))
@@ -137,6 +144,3 @@ def main() -> None:
     for preset in args.presets:
         print(f"[main] {preset}: validation perplexity {results[preset]['validation']['batch']['perplexity']:.2f}")
 
-
-if __name__ == "__main__":
-    main()
