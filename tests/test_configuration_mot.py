@@ -92,3 +92,26 @@ def test_auto_config_resolves_model_type(tmp_path):
 
     tiny_config().save_pretrained(tmp_path)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), MoTGPTConfig)
+
+
+def test_moe_names_of_other_models_resolve_to_ours():
+    config = tiny_config()  # E 4, G 3, d_ff 128: FLOP-matched experts 3 * 128 / 4 = 96 wide
+    assert (config.num_experts, config.num_local_experts, config.moe_intermediate_size) == (4, 4, 96)
+    assert config.get_text_config().num_experts == 4  # where TRL reads it
+    renamed = tiny_config(num_local_experts=6, moe_intermediate_size=40)
+    assert (renamed.n_experts, renamed.expert_size) == (6, 40)
+    assert "num_experts" not in renamed.to_dict()
+
+
+@pytest.mark.parametrize(("ffn_type", "coef"), [("mot", 0.0), ("uniform_mot", 0.0), ("expert_choice", 0.0),
+                                                ("token_choice", 0.01)])  # fmt: skip
+def test_only_token_choice_gets_a_load_balancing_coefficient(ffn_type, coef):
+    config = tiny_config(ffn_type=ffn_type, n_experts=3)
+    assert config.router_aux_loss_coef == coef
+    assert MoTGPTConfig.from_dict(config.to_dict()).router_aux_loss_coef == coef
+
+
+@pytest.mark.parametrize("ffn_type", ["mot", "uniform_mot", "expert_choice"])
+def test_a_load_balancing_coefficient_for_a_balanced_layer_is_refused(ffn_type):
+    with pytest.raises(ValueError, match="only for ffn_type='token_choice'"):
+        tiny_config(ffn_type=ffn_type, n_experts=3, router_aux_loss_coef=0.01)

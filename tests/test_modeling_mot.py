@@ -268,3 +268,31 @@ def test_residual_projections_get_gpt2_scaled_init():
     for projection in (model.transformer.h[0].attn.c_proj, model.transformer.h[1].mlp.c_proj):
         assert abs(projection.weight.std().item() - scaled) < 0.15 * scaled
     assert abs(model.transformer.h[1].mlp.c_fc.weight.std().item() - 0.02) < 0.1 * 0.02
+
+
+def test_sequences_packed_into_one_row_are_refused_by_mot():
+    ids = random_ids(1, 12)
+    packed = torch.cat([torch.arange(5), torch.arange(7)])[None]  # two sequences, positions restart
+    with pytest.raises(ValueError, match="packed into one row.*padding_free=False"):
+        make_model()(ids, position_ids=packed)
+    with pytest.raises(ValueError, match="packed into one row"):
+        make_model()(ids, cu_seq_lens_q=torch.tensor([0, 5, 12]))
+    dense = make_model(mot_layers=[])
+    assert torch.isfinite(logits(dense, ids, position_ids=packed)).all()  # no groups: packing is fine
+
+
+def test_left_padding_is_not_taken_for_packing():
+    mask = left_padded_mask(LENGTHS, S)
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what generate builds: 1, 1, 0, 1, 2, ...
+    assert torch.isfinite(logits(make_model(), random_ids(B, S), mask, position_ids=position_ids)).all()
+
+
+def test_first_training_batch_smaller_than_a_group_is_refused_and_later_partial_batches_train():
+    model = MoTGPTForCausalLM(tiny_config()).train()
+    with pytest.raises(ValueError, match="fewer than the model's group_size=3.*per_device_train_batch_size"):
+        model(random_ids(2, S), labels=random_ids(2, S))
+    with torch.no_grad():
+        model(random_ids(1, S))  # inference in train mode is not a training step
+    model(random_ids(6, S), labels=random_ids(6, S)).loss.backward()
+    model(random_ids(2, S), labels=random_ids(2, S)).loss.backward()  # an epoch's partial last batch
+    assert make_model(mot_layers=[]).train()(random_ids(1, S), labels=random_ids(1, S)).loss.requires_grad
