@@ -67,13 +67,20 @@ class MoTGPTConfig(GPT2Config):
             `capacity_factor * group_size * num_experts_per_tok / n_experts` tokens of a group.
         capacity_factor (`float`, *optional*, defaults to 1.0):
             Token Choice: an expert takes at most `ceil(capacity_factor * tokens * num_experts_per_tok /
-            n_experts)` tokens of a batch; later ones are dropped (their update is 0); `None` means no limit.
+            n_experts)` tokens of a batch; later ones are dropped (their update is 0), and every expert multiplies
+            a buffer of that many rows, full or not. `None` means no limit: nothing is dropped, each expert
+            multiplies only the tokens routed to it, and a row's output does not depend on the rest of the batch.
             Expert Choice: see `num_experts_per_tok`.
         norm_topk_prob (`bool`, *optional*):
             Token Choice: whether a token's gates (the router probabilities of its chosen experts) are renormalized
             to sum to 1. `None` (default) renormalizes when `num_experts_per_tok > 1` (Mixtral) and keeps the raw
             probability for a single expert (Switch, whose router then learns through its gate). `True` always
             renormalizes (with one expert the gate is 1, as transition tuning uses it); `False` never does.
+        router_bias (`bool`, *optional*, defaults to `False`):
+            Token Choice: whether the router adds a learned per-expert bias `(n_experts,)` to its logits. Transition
+            tuning sets it from a calibration pass so that the converted router starts balanced (a MoT controller's
+            per-expert offsets shared by all tokens cancel in MoT's softmax over the group, not in a softmax over
+            the experts). Only for `ffn_type="token_choice"`.
         router_aux_loss_coef (`float`, *optional*):
             Token Choice: weight of the Switch load-balancing loss added to the language-modeling loss when
             `output_router_logits` is on. `None` (default) means 0.01 for `ffn_type="token_choice"` and 0 for every
@@ -121,6 +128,7 @@ class MoTGPTConfig(GPT2Config):
     num_experts_per_tok: int = 1
     capacity_factor: float | int | None = 1.0
     norm_topk_prob: bool | None = None
+    router_bias: bool = False
     router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
 
@@ -139,6 +147,15 @@ class MoTGPTConfig(GPT2Config):
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = 0.01 if self.ffn_type == "token_choice" else 0.0
         self._check_mot_fields()
+
+    def __setattr__(self, key, value):
+        # Trainers write the coefficient into a built config (TRL's SFTTrainer does), past `_check_mot_fields`.
+        if key == "router_aux_loss_coef" and value and getattr(self, "ffn_type", "token_choice") != "token_choice":
+            raise ValueError(
+                f"`router_aux_loss_coef`={value!r} is only for ffn_type='token_choice'; ffn_type={self.ffn_type!r} is "
+                "balanced by construction and takes no load-balancing loss: leave it None (or 0)."
+            )
+        super().__setattr__(key, value)
 
     def _check_mot_fields(self) -> None:
         """Raise a `ValueError` naming the field, its value and what is allowed, for any invalid MoT field."""
@@ -167,6 +184,13 @@ class MoTGPTConfig(GPT2Config):
             raise ValueError(
                 f"`norm_topk_prob` must be None (renormalize when num_experts_per_tok > 1), True or False, "
                 f"got {self.norm_topk_prob!r}."
+            )
+        if not isinstance(self.router_bias, bool):
+            raise ValueError(f"`router_bias` must be True or False, got {self.router_bias!r}.")
+        if self.router_bias and self.ffn_type != "token_choice":
+            raise ValueError(
+                f"`router_bias=True` is only for ffn_type='token_choice', got ffn_type={self.ffn_type!r}: MoT's "
+                "softmax over the group ignores any per-expert offset, and Expert Choice has no bias."
             )
         picks = (self.capacity_factor or 1.0) * self.group_size * self.num_experts_per_tok / self.n_experts
         if self.ffn_type == "expert_choice" and picks < 1:
@@ -231,12 +255,6 @@ class MoTGPTConfig(GPT2Config):
             )
         if not (_is_number(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
             raise ValueError(f"`router_aux_loss_coef` must be a number >= 0, got {self.router_aux_loss_coef!r}.")
-        if self.ffn_type != "token_choice" and self.router_aux_loss_coef != 0:
-            raise ValueError(
-                f"`router_aux_loss_coef`={self.router_aux_loss_coef!r} is only for ffn_type='token_choice'; "
-                f"ffn_type={self.ffn_type!r} is balanced by construction and takes no load-balancing loss: "
-                "leave it None (or 0)."
-            )
         if not (_is_number(self.mot_init_scale) and self.mot_init_scale > 0):
             raise ValueError(f"`mot_init_scale` must be > 0, got {self.mot_init_scale!r}.")
         if self.add_cross_attention:

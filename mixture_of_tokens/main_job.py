@@ -5,7 +5,8 @@ through `pipeline`, and write a report folder.
     mot-main --max_steps 20       # a quick smoke run
 
 Runs live in RUNS_DIR/<preset>; an interrupted job resumes from their checkpoints, and finished runs are reused.
-The report (REPORT_DIR) holds metrics.json, loss_curves.png, samples.md, samples.json and model_card.md.
+The report (REPORT_DIR) holds metrics.json (perplexity by grouping, the offline lm-eval tasks through `motgpt`,
+parameters and FLOPs), loss_curves.png, samples.md, samples.json and model_card.md.
 """
 
 import argparse
@@ -27,6 +28,7 @@ from .training import (
     train_or_reuse,
 )
 
+LM_EVAL_TASKS = ("sotu_cloze", "sotu_perplexity")
 PROMPTS = [
     "The state of the Union is",
     "Our economy",
@@ -52,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--report_dir", default="report")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lm_eval_limit", type=int, help="items per lm-eval task (default: all)")
     return parser.parse_args(argv)
 
 
@@ -84,6 +87,29 @@ def generate_samples(run: Path, prompts: list[str]) -> list[dict]:
     return [{"prompt": prompt, "text": out[0]["generated_text"]} for prompt, out in zip(prompts, outputs, strict=True)]
 
 
+def lm_eval_scores(run: Path, batch_size: int, limit: int | None = None) -> dict:
+    """The run's scores on the package's offline lm-eval tasks through the `motgpt` model (each MoT request in a group
+    of its own with the run's fillers), as `mot-lm-eval` computes them."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from .lm_eval_model import TASK_DIR
+
+    print(f"[main] lm-eval on {', '.join(LM_EVAL_TASKS)} for {run.name}")
+    output = lm_eval.simple_evaluate(
+        model="motgpt",
+        model_args=f"pretrained={run}",
+        tasks=list(LM_EVAL_TASKS),
+        task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False),
+        batch_size=batch_size,
+        device="cpu" if not torch.cuda.is_available() else "cuda",
+        log_samples=False,
+        limit=limit,
+    )
+    return {task: {key: value for key, value in output["results"][task].items() if key != "alias"}
+            for task in LM_EVAL_TASKS}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     """`mot-main`."""
     args = parse_args(argv)
@@ -112,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": round(time.time() - tick, 1),
         }
         samples[preset] = generate_samples(runs[preset], PROMPTS)
+        results[preset]["lm_eval"] = lm_eval_scores(runs[preset], args.batch_size, args.lm_eval_limit)
 
     mot, dense = args.presets
     results["flops_ratio_mot_to_dense"] = results[mot]["flops_per_token"] / results[dense]["flops_per_token"]
