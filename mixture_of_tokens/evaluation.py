@@ -49,7 +49,9 @@ def evaluate_perplexity(
     """Perplexity of `model` on `blocks` (a dataset of equal-length `input_ids`), computed by the `evaluate` metric.
 
     `batch_size` rows go through the model at once with `grouping="batch"`; `"single"` and `"fillers"` put each block
-    in a group of its own (see the module docstring). Returns perplexity, mean NLL and the token count.
+    in a group of its own (see the module docstring). With `"batch"` a model with groups is evaluated on full groups
+    only: the last `len(blocks) % group_size` blocks, which would form a smaller group, are left out (the returned
+    token count says how many tokens were scored). Returns perplexity, mean NLL and the token count.
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"`grouping` must be one of {GROUPINGS}, got {grouping!r}.")
@@ -65,6 +67,13 @@ def evaluate_perplexity(
     model.eval()
     metric = load_perplexity_metric()
     ids = torch.tensor(blocks["input_ids"], device=model.device)
+    if grouping == "batch" and getattr(model.config, "uses_groups", False):
+        ids = ids[: len(ids) - len(ids) % group_size]
+        if len(ids) == 0:
+            raise ValueError(
+                f"`blocks` holds {len(blocks)} blocks, fewer than one full group of group_size={group_size}; "
+                "evaluate more blocks or use grouping='fillers'."
+            )
     step = batch_size if grouping == "batch" else 1
     if grouping == "fillers":
         n_fill = group_size - 1

