@@ -12,6 +12,7 @@ works as in transformers (--per_device_train_batch_size, --eval_steps, --bf16, .
 
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,10 +20,14 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import FSDPModule
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
@@ -122,6 +127,13 @@ class MoTTrainingArguments(TrainingArguments):
     # Without CUDA, only `use_cpu` makes torchrun / accelerate launch set up CPU DDP (gloo); otherwise each process
     # would silently train a model of its own.
     use_cpu: bool = not torch.cuda.is_available()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fsdp_plugin_args is not None and "state_dict_type" not in self.fsdp_config:
+            # Sharded checkpoints: each process writes its own shards instead of gathering the G-fold expert weights
+            # and their optimizer state on one; the final model is still saved whole (`MoTTrainer.save_model`).
+            self.fsdp_plugin_args["state_dict_type"] = "SHARDED_STATE_DICT"
 
 
 def _file_arguments(path: str) -> list[str]:
@@ -309,10 +321,59 @@ NO_DECAY_SUFFIXES = ("log_temperature", ".b_in", ".b_out")
 
 
 class MoTTrainer(Trainer):
-    """`Trainer` that also exempts learned MoT temperatures and expert biases from weight decay."""
+    """`Trainer` that also exempts learned MoT temperatures and expert biases from weight decay, shards with FSDP on
+    CPU too, and saves an FSDP model whole."""
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return [name for name in super().get_decay_parameter_names(model) if not name.endswith(NO_DECAY_SUFFIXES)]
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """As `Trainer`'s, with FSDP on CPU too, and under `accelerate launch` with an FSDP config that names no wrap
+        policy, one FSDP unit per `_no_split_modules` block (`MoTGPTBlock`), as `--fsdp` does (accelerate's own
+        default is one unit for the whole model, which gathers every parameter at once)."""
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            os.environ.setdefault("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+            # Accelerate turns FSDP on only on accelerators and would silently train with DDP on CPU, although FSDP2
+            # shards over gloo. Set up as accelerate does on a GPU, where both states record FSDP.
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
+            if state.mixed_precision != "no":
+                state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
+            state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As `Trainer`'s, but an FSDP model is saved whole from a plain copy (FSDP2 changes the model's class, so
+        its own `save_pretrained` would write torch's source files and their names in `auto_map`), and a sharded
+        run's checkpoints hold the config and tokenizer beside their shards."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        # A sharded run's checkpoint: its weights are the shards `Trainer` writes next to it.
+        shards_only = _internal_call and "SHARDED" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        state_dict = None if shards_only else self.accelerator.get_state_dict(self.model)  # a gather: every process
+        if not self.args.should_save:
+            return
+        if shards_only:
+            self.model.config.save_pretrained(output_dir)
+        else:
+            unsharded_copy(self.model, state_dict).save_pretrained(output_dir)
+            torch.save(self.args, Path(output_dir) / "training_args.bin")
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+
+def unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A plain model of the class FSDP2 wrapped in `model`, holding the gathered `state_dict` (no second copy)."""
+    model_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+    with torch.device("meta"):
+        plain = model_class(model.config)
+    plain.load_state_dict(state_dict, assign=True)
+    plain.tie_weights()  # `assign` replaced the tied output embedding by a copy
+    plain.generation_config = model.generation_config
+    return plain
 
 
 def build_model(script: ScriptArguments, tokenizer: PreTrainedTokenizerBase):
