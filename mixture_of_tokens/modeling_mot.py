@@ -105,6 +105,33 @@ def _is_packed(position_ids: torch.Tensor | None, attention_mask: torch.Tensor |
     return bool(restart.any())
 
 
+# Dtypes of torch's grouped matmul kernel (`torch.nn.functional.grouped_mm`, torch >= 2.10); under torch.compile it
+# takes bfloat16 only. Its operands' rows must also span multiples of 16 bytes.
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Each expert's weight matrix applied to its own rows only.
+
+    Args:
+        rows: `(n_rows, in_features)`, sorted by expert: expert 0's rows first, then expert 1's, and so on.
+        weight: `(n_experts, in_features, out_features)`.
+        tokens_per_expert: `(n_experts,)` integer number of rows of each expert, summing to `n_rows`.
+
+    Returns:
+        `(n_rows, out_features)`: every row times its expert's matrix.
+    """
+    # The kernel is not autocast-aware: under autocast, rows (a LayerNorm output) may be float32 and weights bfloat16.
+    rows = rows.to(weight.dtype)
+    kernel = rows.dtype == torch.bfloat16 or (rows.dtype in GROUPED_MM_DTYPES and not torch.compiler.is_compiling())
+    aligned = all(size * rows.element_size() % 16 == 0 for size in weight.shape[1:])
+    if kernel and aligned and hasattr(nn.functional, "grouped_mm"):
+        return nn.functional.grouped_mm(rows, weight, offs=tokens_per_expert.cumsum(0, dtype=torch.int32))
+    # Elsewhere (float64, odd widths, older torch, torch.compile below bfloat16): one matmul per expert, on its rows.
+    chunks = rows.split(tokens_per_expert.tolist())
+    return torch.cat([chunk @ matrix for chunk, matrix in zip(chunks, weight, strict=True)])
+
+
 class ExpertLayer(nn.Module):
     """What every expert layer here shares: a controller (router) `(n_embd, n_experts)` and stacked expert MLPs
     `w_in` `(n_experts, n_embd, f)`, `w_out` `(n_experts, f, n_embd)`, with `expert_bias` also `b_in` `(n_experts, f)`
@@ -146,10 +173,13 @@ class ExpertLayer(nn.Module):
         hidden = torch.bmm(tokens, self.w_in)
         if self.b_in is not None:
             hidden = hidden + self.b_in[:, None, :]
-        # In place for ReLU (saves a buffer): its backward needs only its output, bmm's backward not `hidden`.
-        hidden = torch.relu_(hidden) if type(self.act) is nn.ReLU else self.act(hidden)
-        out = torch.bmm(hidden, self.w_out)
+        out = torch.bmm(self.activation(hidden), self.w_out)
         return out if self.b_out is None else out + self.b_out[:, None, :]
+
+    def activation(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The experts' activation on the output of their first matmul."""
+        # In place for ReLU (saves a buffer): its backward needs only its output, and the matmul's not `hidden`.
+        return torch.relu_(hidden) if type(self.act) is nn.ReLU else self.act(hidden)
 
 
 class MoTLayer(ExpertLayer):
@@ -226,14 +256,20 @@ class MoTLayer(ExpertLayer):
 
 
 class TokenChoiceLayer(ExpertLayer):
-    """Token Choice MoE (Switch / Mixtral style): each real token goes to its `num_experts_per_tok` most probable
-    experts, with gates renormalized over them as `config.norm_topk_prob` says (by default when it is above 1).
-    An expert takes at most
-    `ceil(capacity_factor * n_real_tokens * num_experts_per_tok / n_experts)` assignments of the batch: earlier
-    positions first and, within a position, first choices before second ones; the rest are dropped (no update).
-    That keeps the layer causal, but the capacity depends on the batch's token count, so cached decoding matches a
-    full forward pass only without a limit (`capacity_factor=None`). The load-balancing loss is computed by the
-    model from the router logits."""
+    """Token Choice MoE (Switch / Mixtral style): each real token goes to its `num_experts_per_tok` (k) most probable
+    experts, by a softmax over the experts of `x @ controller` (plus `router_bias` with `config.router_bias`), with
+    gates renormalized over them as `config.norm_topk_prob` says (by default when k is above 1).
+
+    - Without a capacity limit (`capacity_factor=None`) nothing is dropped and the experts compute only what is
+      routed: the (token, expert) assignments are sorted by expert and each expert multiplies its own rows
+      ([`grouped_mm`]), k rows per real token however unbalanced the router. A row's output depends on nothing but
+      itself, so cached decoding matches a full forward pass and the batch does not matter.
+    - With a limit, an expert takes at most `ceil(capacity_factor * n_real_tokens * k / n_experts)` assignments of
+      the batch: earlier positions first and, within a position, first choices before second ones; the rest are
+      dropped (no update). That keeps the layer causal, but the capacity depends on the batch's token count. Every
+      expert multiplies a buffer of `capacity` rows, full or not.
+
+    The load-balancing loss is computed by the model from the router logits."""
 
     def __init__(self, config: MoTGPTConfig):
         super().__init__(config)
@@ -241,6 +277,7 @@ class TokenChoiceLayer(ExpertLayer):
         self.capacity_factor = config.capacity_factor
         norm = config.norm_topk_prob
         self.norm_topk_prob = config.num_experts_per_tok > 1 if norm is None else norm
+        self.router_bias = nn.Parameter(torch.zeros(config.n_experts)) if config.router_bias else None
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, router_temperature=None
@@ -248,44 +285,93 @@ class TokenChoiceLayer(ExpertLayer):
         """`hidden_states` `(batch_size, seq_len, n_embd)`, 0/1 `attention_mask` `(batch_size, seq_len)` ->
         the update `(batch_size, seq_len, n_embd)` and the router logits `(batch_size * seq_len, n_experts)`.
         `router_temperature` is accepted for a common signature and ignored."""
-        # Position-major order (all rows' tokens at position 0 first): capacity then goes to earlier positions
-        # first, so what is dropped at a position never depends on later tokens and the model stays causal.
+        batch_size, seq_len, d = hidden_states.shape
         mask = check_token_mask(attention_mask, hidden_states)
-        real = (torch.ones_like(hidden_states[..., 0], dtype=torch.bool) if mask is None else mask).T.flatten()
-        x = hidden_states.transpose(0, 1).flatten(0, 1)  # (n_tokens, d)
-        n_experts, n_tokens, k = self.w_in.shape[0], x.shape[0], self.num_experts_per_tok
-        router_logits = x @ self.controller
-        gates, chosen = torch.softmax(
-            router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)), dim=-1
-        ).topk(k, dim=-1)  # (n_tokens, k)
-        if self.norm_topk_prob:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
-        # Assignments in priority order: position by position; within one, all rows' first choices, then second...
-        seq_len, batch_size = hidden_states.shape[1], hidden_states.shape[0]
-
-        def priority_order(per_token: torch.Tensor) -> torch.Tensor:  # (n_tokens, k) -> (seq_len * k * batch,)
-            return per_token.view(seq_len, batch_size, k).transpose(1, 2).flatten()
-
-        expert = priority_order(chosen)
-        token = priority_order(torch.arange(n_tokens, device=x.device)[:, None].expand(-1, k))
-        valid = priority_order(real[:, None].expand(-1, k))
-        gates = priority_order(gates)
-        one_hot = nn.functional.one_hot(expert, n_experts) * valid[:, None]
-        slot = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # position of each assignment in its expert
+        real = hidden_states.new_ones(batch_size * seq_len, dtype=torch.bool) if mask is None else mask.flatten()
+        x = hidden_states.reshape(-1, d)  # (n_tokens, d), row by row
+        router_logits = self.router(x)
+        gates, chosen = self.top_k(router_logits)
         if self.capacity_factor is None:
-            # No limit: room for the busiest expert's load, so nothing is dropped and the batched expert matmul does
-            # not run n_experts times the tokens (what room for every token in every expert would cost).
-            capacity = max(1, int(one_hot.sum(dim=0).max()))
+            token, gate, outputs = self.dropless_experts(x, gates, chosen, real)
         else:
-            capacity = max(1, math.ceil(self.capacity_factor * int(real.sum()) * k / n_experts))
-        kept = valid & (slot < capacity)
-        flat_slot = (expert * capacity + slot)[kept]
-        dispatched = x.new_zeros(n_experts * capacity, x.shape[-1]).index_copy(0, flat_slot, x[token[kept]])
-        outputs = self.experts(dispatched.view(n_experts, capacity, -1)).flatten(0, 1)[flat_slot]
-        weighted = outputs * gates[kept, None].to(outputs.dtype)
-        update = weighted.new_zeros(x.shape).index_add(0, token[kept], weighted)  # autocast: outputs may be bf16
-        update = update.view(seq_len, batch_size, -1).transpose(0, 1)
-        return self.dropout(update), router_logits.view(seq_len, batch_size, -1).transpose(0, 1).flatten(0, 1)
+            token, gate, outputs = self.buffered_experts(x, gates, chosen, *self.buffer_slots(chosen, real, batch_size))
+        weighted = outputs * gate[:, None].to(outputs.dtype)
+        update = weighted.new_zeros(x.shape).index_add(0, token, weighted)  # autocast: outputs may be bf16
+        return self.dropout(update.view_as(hidden_states)), router_logits
+
+    def router(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits `(n_tokens, n_experts)` of tokens `x` `(n_tokens, n_embd)`."""
+        logits = x @ self.controller
+        return logits if self.router_bias is None else logits + self.router_bias
+
+    def top_k(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's gates (in float32 or wider) and experts, both `(n_tokens, num_experts_per_tok)`, best first."""
+        probs = torch.softmax(router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)), dim=-1)
+        gates, chosen = probs.topk(self.num_experts_per_tok, dim=-1)
+        return (gates / gates.sum(dim=-1, keepdim=True) if self.norm_topk_prob else gates), chosen
+
+    def dropless_experts(
+        self, x: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor, real: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every assignment of a real token, computed by its expert alone (sorted dispatch).
+
+        Args:
+            x: `(n_tokens, n_embd)`; gates, chosen: `(n_tokens, k)`; real: `(n_tokens,)` bool.
+
+        Returns:
+            For each of the `n_rows = k * n_real_tokens` assignments: its token index and gate `(n_rows,)`, and its
+            expert's output `(n_rows, n_embd)`.
+        """
+        k = self.num_experts_per_tok
+        assignment = real.repeat_interleave(k).nonzero().squeeze(-1)  # flat index into (n_tokens, k)
+        expert, order = chosen.flatten()[assignment].sort(stable=True)
+        assignment = assignment[order]
+        tokens_per_expert = torch.bincount(expert, minlength=self.w_in.shape[0])
+        token = assignment // k
+        hidden = grouped_mm(x[token], self.w_in, tokens_per_expert)
+        if self.b_in is not None:
+            hidden = hidden + self.b_in[expert]
+        outputs = grouped_mm(self.activation(hidden), self.w_out, tokens_per_expert)
+        if self.b_out is not None:
+            outputs = outputs + self.b_out[expert]
+        return token, gates.flatten()[assignment], outputs
+
+    def buffer_slots(self, chosen: torch.Tensor, real: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+        """Where each assignment goes with a capacity limit.
+
+        Args:
+            chosen: `(n_tokens, k)` experts of the tokens, row by row (`n_tokens = batch_size * seq_len`).
+            real: `(n_tokens,)` bool.
+
+        Returns:
+            `(n_tokens, k)` the place of each assignment in its expert's queue (-1 for padding), and the capacity:
+            an assignment is kept when its place is below it.
+        """
+        n_experts, k = self.w_in.shape[0], self.num_experts_per_tok
+        seq_len = chosen.shape[0] // batch_size
+
+        # Priority order: position by position (so what is dropped at a position never depends on later tokens and
+        # the model stays causal); within one, all rows' first choices, then second ones...
+        def priority_order(per_assignment: torch.Tensor) -> torch.Tensor:  # (n_tokens, k) -> (seq_len * k * batch,)
+            return per_assignment.view(batch_size, seq_len, k).permute(1, 2, 0).flatten()
+
+        one_hot = nn.functional.one_hot(priority_order(chosen), n_experts)
+        one_hot = one_hot * priority_order(real[:, None].expand(-1, k))[:, None]
+        slot = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
+        slot = slot.view(seq_len, k, batch_size).permute(2, 0, 1).reshape(-1, k)
+        return slot, max(1, math.ceil(self.capacity_factor * int(real.sum()) * k / n_experts))
+
+    def buffered_experts(
+        self, x: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor, slot: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept assignments (places in `[0, capacity)`), through a buffer of `capacity` rows per expert; shapes as
+        in [`dropless_experts`], `slot` `(n_tokens, k)` from [`buffer_slots`]."""
+        kept = (slot >= 0) & (slot < capacity)
+        token = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(chosen)[kept]
+        flat_slot = (chosen * capacity + slot)[kept]
+        dispatched = x.new_zeros(self.w_in.shape[0] * capacity, x.shape[-1]).index_copy(0, flat_slot, x[token])
+        outputs = self.experts(dispatched.view(self.w_in.shape[0], capacity, -1)).flatten(0, 1)[flat_slot]
+        return token, gates[kept], outputs
 
 
 class ExpertChoiceLayer(ExpertLayer):
@@ -418,6 +504,8 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
             if module.b_in is not None:
                 init.zeros_(module.b_in)
                 init.zeros_(module.b_out)
+        if isinstance(module, TokenChoiceLayer) and module.router_bias is not None:
+            init.zeros_(module.router_bias)
         if isinstance(module, MoTLayer):
             if module.log_temperature is not None:
                 init.constant_(module.log_temperature, math.log(config.router_temperature))

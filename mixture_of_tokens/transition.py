@@ -14,7 +14,8 @@ temperature):
   keeps the FLOPs per token. The expert width f stays as it was and is written into the config as `expert_size`.
 - **No capacity limit** by default (`capacity_factor=None`): with a limit, which tokens an expert drops depends on
   how many tokens the batch holds, so the model would again depend on the batch and cached decoding would differ
-  from a full forward pass. Without one, no token is ever dropped and every row is computed on its own.
+  from a full forward pass. Without one, no token is ever dropped, every row is computed on its own, and the experts
+  compute only what is routed to them (sorted dispatch: k expert rows per token however unbalanced the router).
 - **Router = controller / T.** MoT's weights are a softmax of `x @ controller / T` (over the group); dividing the
   controller by T (fixed, or the learned `log_temperature`, per layer or per expert) keeps the logits at the scale
   the model was trained with. A source temperature below `MIN_SOURCE_TEMPERATURE` (1e-6), 0 included, is refused:
@@ -29,11 +30,22 @@ temperature):
   multiplying the experts' output projections by E / G hands each token the same total weight as before the switch.
   (E / G equals the default k only for a FLOP-matched model.) Renormalized gates are also used for k = 1 (the gate is
   then 1, instead of Switch's raw router probability, which would shrink every update by that probability).
-- **The load-balancing loss where the router needs it** (`output_router_logits=True`). At k = 1 the renormalized
-  gate is the constant 1 and the top-1 choice has no gradient, so only Switch's load-balancing loss trains the
-  router; a uniform-MoT source's router starts untrained. In both cases the converted config turns the loss on (the
-  `Trainer`'s training and evaluation losses then include `router_aux_loss_coef` times it). For k > 1 from a `mot`
-  source the gates carry the language-modelling gradient to the router, and the source's setting is kept.
+- **A balanced start: the router bias.** MoT's softmax runs, for each expert, over the tokens of a group: it ranks
+  the tokens for an expert, never the experts for a token, so nothing in MoT's training keeps the experts' logits on
+  a common scale (an offset of one expert's logits shared by all tokens cancels in it entirely). A softmax over the
+  experts does not ignore that scale: converted as is, a few experts take most first choices and others none. With
+  `calibration_ids` (blocks of training text) the converted layers get a router bias (`router_bias=True`), set block
+  by block from the router logits of those tokens so that every expert is the first choice of an equal share of them
+  ([`balancing_bias`]). `mot-transition-tune` draws `--calibration_blocks` (64) blocks from its training corpus.
+- **The load-balancing loss during tuning, for every k, and not after.** At k = 1 (a constant gate) or from a
+  uniform-MoT source (an untrained router) it is the router's only teacher. [`run_transition_tuning`] trains with
+  `output_router_logits=True`, so the `Trainer`'s training and evaluation losses include `router_aux_loss_coef`
+  (0.01) times Switch's loss; the converted config and the tuned model's saved config keep
+  `output_router_logits=False`: inference computes no auxiliary loss unless a call asks for it.
+- **Calibrated again after tuning.** Tuning pulls the router off balance, and Switch's loss does not hold it: it
+  evens out the experts' mean router probabilities, which say little about first choices while the router's softmax
+  is flat. [`finish_tuned_model`] calibrates the saved model's router bias again on the same blocks (`--recalibrate
+  false` keeps the bias tuning left), at some cost in loss (measured in `docs/transition-tuning.md`).
 """
 
 import copy
@@ -45,7 +57,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .configuration_mot import MoTGPTConfig
-from .modeling_mot import MoTGPTForCausalLM, MoTLayer
+from .modeling_mot import MoTGPTForCausalLM, MoTLayer, TokenChoiceLayer
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -55,6 +67,8 @@ if TYPE_CHECKING:
 CONVERTIBLE_FFN_TYPES = ("mot", "uniform_mot")
 # The smallest source temperature converted (see the module docstring): far above where controller / T overflows.
 MIN_SOURCE_TEMPERATURE = 1e-6
+# Softmax temperatures of `balancing_bias`, each a warm start for the next: the last is near a hard first choice.
+BALANCING_TEMPERATURES = (1.0, 0.3, 0.1, 0.03)
 # Fine-tuning defaults of `mot-transition-tune`, placed before the user's arguments (which win).
 TRANSITION_DEFAULTS = [
     "--learning_rate", "3e-4", "--warmup_steps", "0.1", "--max_steps", "100", "--output_dir", "runs/transition-tuned",
@@ -70,6 +84,17 @@ class TransitionArguments:
     )
     capacity_factor: float | None = field(
         default=None, metadata={"help": "per-expert capacity factor; default: no limit (batch-independent)"}
+    )
+    calibration_blocks: int = field(
+        default=64,
+        metadata={
+            "help": "training blocks, drawn at random, whose router logits set the router bias that balances the "
+            "experts at the start (and at the end, with recalibrate); 0: no router bias"
+        },
+    )
+    recalibrate: bool = field(
+        default=True,
+        metadata={"help": "calibrate the router bias again after tuning, which drifts it (costs some loss)"},
     )
 
 
@@ -96,7 +121,10 @@ def output_scale(config: MoTGPTConfig) -> float:
 
 
 def token_choice_config(
-    config: MoTGPTConfig, num_experts_per_tok: int | None = None, capacity_factor: float | None = None
+    config: MoTGPTConfig,
+    num_experts_per_tok: int | None = None,
+    capacity_factor: float | None = None,
+    router_bias: bool = False,
 ) -> MoTGPTConfig:
     """The config of the Token Choice model converted from a MoT model of config `config` (validated on creation)."""
     if config.ffn_type not in CONVERTIBLE_FFN_TYPES:
@@ -110,8 +138,6 @@ def token_choice_config(
         )
     if num_experts_per_tok is None:
         num_experts_per_tok = flop_matched_experts_per_token(config)
-    # At k = 1 (constant gate) and from an untrained uniform-MoT router, only the balancing loss trains the router.
-    balance = num_experts_per_tok == 1 or config.ffn_type == "uniform_mot"
     fields = config.to_dict() | {
         "ffn_type": "token_choice",
         "num_experts_per_tok": num_experts_per_tok,
@@ -119,7 +145,8 @@ def token_choice_config(
         "norm_topk_prob": True,
         "expert_size": config.expert_size_resolved,
         "learnable_temperature": "none",  # the temperature is folded into the router
-        "output_router_logits": config.output_router_logits or balance,
+        "router_bias": router_bias,
+        "output_router_logits": False,  # an inference config: training turns the balancing loss on
         "router_aux_loss_coef": None,  # Token Choice's default weight; MoT configs hold 0
     }
     return type(config)(**fields)
@@ -127,7 +154,10 @@ def token_choice_config(
 
 @torch.no_grad()
 def mot_to_token_choice(
-    model: MoTGPTForCausalLM, num_experts_per_tok: int | None = None, capacity_factor: float | None = None
+    model: MoTGPTForCausalLM,
+    num_experts_per_tok: int | None = None,
+    capacity_factor: float | None = None,
+    calibration_ids: torch.LongTensor | None = None,
 ) -> MoTGPTForCausalLM:
     """Convert a MoT model into a Token Choice model whose output for a row does not depend on the other rows.
 
@@ -143,30 +173,84 @@ def mot_to_token_choice(
             `d_ff / expert_size` and raises `ValueError` when it is not a whole number.
         capacity_factor: per-expert capacity (see [`MoTGPTConfig`]). `None` (default): no limit, which keeps the
             model batch-independent and cache-consistent.
+        calibration_ids: `(n_blocks, block_len)` token ids of training text. When given, the Token Choice layers get
+            a router bias that balances their experts on these tokens ([`calibrate_router_bias`]); `None`
+            (default): no router bias.
 
     Returns:
-        A new [`MoTGPTForCausalLM`] with `ffn_type="token_choice"` (and `output_router_logits=True` when k = 1 or the
-        source is uniform MoT), on the model's device and dtype and in its training mode; `model` is left unchanged.
+        A new [`MoTGPTForCausalLM`] with `ffn_type="token_choice"` and `output_router_logits=False`, on the model's
+        device and dtype and in its training mode; `model` is left unchanged.
     """
     if not isinstance(model, MoTGPTForCausalLM):
         raise ValueError(f"`model` must be a MoTGPTForCausalLM, got {type(model).__name__}.")
-    config = token_choice_config(model.config, num_experts_per_tok, capacity_factor)
+    if calibration_ids is not None and (calibration_ids.ndim != 2 or calibration_ids.numel() == 0):
+        raise ValueError(
+            f"`calibration_ids` must be a non-empty (n_blocks, block_len) tensor of token ids, got shape "
+            f"{tuple(calibration_ids.shape)}."
+        )
+    config = token_choice_config(model.config, num_experts_per_tok, capacity_factor, calibration_ids is not None)
     routers = {index: router_weights(model.transformer.h[index].mlp, index) for index in config.mot_layer_indices}
-    # Built (and so initialized) before the weights are copied in: its fresh router serves a uniform-MoT layer.
+    # Built (and so initialized) before the weights are copied in: its fresh router serves a uniform-MoT layer, and
+    # its zero router bias is where calibration starts.
     converted = type(model)(config).to(device=model.device, dtype=model.dtype)
     scale = output_scale(model.config)
     state = model.state_dict()
     for index, router in routers.items():
         layer: MoTLayer = model.transformer.h[index].mlp
+        new_layer: TokenChoiceLayer = converted.transformer.h[index].mlp
         prefix = f"transformer.h.{index}.mlp."
-        state[prefix + "controller"] = converted.transformer.h[index].mlp.controller if router is None else router
+        state[prefix + "controller"] = new_layer.controller if router is None else router
         state[prefix + "w_out"] = layer.w_out * scale
         if layer.b_out is not None:
             state[prefix + "b_out"] = layer.b_out * scale
+        if new_layer.router_bias is not None:
+            state[prefix + "router_bias"] = new_layer.router_bias
         state.pop(prefix + "log_temperature", None)
     converted.load_state_dict(state)
     converted.generation_config = copy.deepcopy(model.generation_config)
+    if calibration_ids is not None:
+        calibrate_router_bias(converted, calibration_ids)
     return converted.train(model.training)
+
+
+@torch.no_grad()
+def calibrate_router_bias(model: MoTGPTForCausalLM, calibration_ids: torch.LongTensor, batch_size: int = 32) -> None:
+    """Correct the router bias of every Token Choice layer of `model` (`router_bias=True`), first block to last, by
+    [`balancing_bias`] of its router logits (its current bias included) on `calibration_ids` `(n_blocks,
+    block_len)`. Each block is calibrated on the inputs it receives once the blocks before it are, since their
+    routing changes those inputs."""
+    training = model.training
+    model.eval()  # no dropout
+    for position, index in enumerate(model.config.mot_layer_indices):
+        layer: TokenChoiceLayer = model.transformer.h[index].mlp
+        logits = [
+            model(ids.to(model.device), output_router_logits=True).router_logits[position]
+            for ids in calibration_ids.split(batch_size)
+        ]
+        layer.router_bias += balancing_bias(torch.cat(logits))
+    model.train(training)
+
+
+def balancing_bias(
+    router_logits: torch.Tensor, temperatures: tuple[float, ...] = BALANCING_TEMPERATURES, iterations: int = 100
+) -> torch.Tensor:
+    """The per-expert bias `(n_experts,)` that balances the experts on tokens of router logits `(n_tokens, n_experts)`.
+
+    It is the dual variable of an entropy-regularized assignment of tokens to experts with equal loads, found by
+    Sinkhorn's iterations: with the softmax over the experts of `(router_logits + bias) / t`, each expert's mean
+    probability is made `1 / n_experts` (`bias -= t * log(n_experts * mean probability)`, `iterations` times), for
+    each `t` of `temperatures` in turn. As `t` decreases the softmax approaches each token's first choice, so at the
+    last, small `t` every expert is the first choice of about `n_tokens / n_experts` tokens. Computed in float64.
+    """
+    logits = router_logits.double()
+    n_experts = logits.shape[-1]
+    bias = logits.new_zeros(n_experts)
+    for temperature in temperatures:
+        for _ in range(iterations):
+            load = torch.softmax((logits + bias) / temperature, dim=-1).mean(dim=0)
+            # An expert far below every token's best at a small t can underflow to a load of 0: a finite step still.
+            bias -= temperature * torch.log(n_experts * load.clamp_min(torch.finfo(load.dtype).tiny))
+    return bias.to(router_logits.dtype)
 
 
 def router_weights(layer: MoTLayer, index: int) -> torch.Tensor | None:
@@ -207,10 +291,13 @@ def source_temperature(layer: MoTLayer, index: int) -> float | torch.Tensor:
 def run_transition_tuning(
     script: "ScriptArguments", args: "MoTTrainingArguments", transition: TransitionArguments
 ) -> "Trainer":
-    """Convert the MoT checkpoint `script.model_name_or_path` to Token Choice, save it with its tokenizer in
+    """Convert the MoT checkpoint `script.model_name_or_path` to Token Choice, its router bias calibrated on
+    `transition.calibration_blocks` blocks of the training corpus, save it with its tokenizer in
     `args.output_dir/converted`, and fine-tune that through [`~mixture_of_tokens.training.run_training`] into
-    `args.output_dir`. With `script.resume`, the saved conversion is reused (after checking that the given
-    `num_experts_per_tok` and `capacity_factor` agree with it) and training continues from the last checkpoint.
+    `args.output_dir`, with the load-balancing loss on (`output_router_logits=True`); the tuned model is saved with it
+    off and, with `transition.recalibrate`, its router bias calibrated again ([`finish_tuned_model`]). With
+    `script.resume`, the saved conversion is reused (after checking that the given `num_experts_per_tok` and
+    `capacity_factor` agree with it) and training continues from the last checkpoint.
 
     In a distributed run only the process that saves (`args.should_save`) converts, inside
     `args.main_process_first`; the others wait there and then load what it saved. Returns the `Trainer`."""
@@ -224,19 +311,59 @@ def run_transition_tuning(
         if script.resume and (converted_dir / "config.json").exists():
             check_saved_conversion(converted_dir, transition)
         elif args.should_save:
-            convert_and_save(script.model_name_or_path, converted_dir, transition, args.seed)
-    return run_training(replace(script, model_name_or_path=str(converted_dir)), args)
+            convert_and_save(script, converted_dir, transition, args.seed)
+    # Given first, so that a `--model output_router_logits=false` of the user's wins.
+    tuning = replace(script, model_name_or_path=str(converted_dir), model=["output_router_logits=true", *script.model])
+    trainer = run_training(tuning, args)
+    if args.should_save:
+        finish_tuned_model(script, Path(args.output_dir), transition, args.seed)
+    return trainer
 
 
-def convert_and_save(source: str, converted_dir: Path, transition: TransitionArguments, seed: int) -> None:
-    """Load the MoT checkpoint `source`, convert it, and save it with its tokenizer in `converted_dir`."""
+def finish_tuned_model(script: "ScriptArguments", output_dir: Path, transition: TransitionArguments, seed: int) -> None:
+    """Make the tuned model saved in `output_dir` an inference model: the balancing loss off and, with
+    `transition.recalibrate`, its router bias calibrated again on the same training blocks as at the conversion.
+
+    Tuning moves the router away from balance, and Switch's loss does not hold it there: it balances the experts'
+    mean router probabilities, which say little about first choices while the router's softmax is flat."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Loaded from what the Trainer saved, so that it is whole whatever wrapped the model in training (DDP, FSDP).
+    model = AutoModelForCausalLM.from_pretrained(output_dir, output_router_logits=False)
+    if transition.recalibrate and transition.calibration_blocks and model.config.router_bias:
+        tokenizer = AutoTokenizer.from_pretrained(output_dir)
+        calibrate_router_bias(model, training_blocks(script, tokenizer, transition.calibration_blocks, seed))
+    model.save_pretrained(output_dir)
+
+
+def convert_and_save(
+    script: "ScriptArguments", converted_dir: Path, transition: TransitionArguments, seed: int
+) -> None:
+    """Load the MoT checkpoint `script.model_name_or_path`, convert it (calibrated on `transition.calibration_blocks`
+    training blocks, drawn with `seed`), and save it with its tokenizer in `converted_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    model = AutoModelForCausalLM.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)
+    calibration_ids = None
+    if transition.calibration_blocks:
+        calibration_ids = training_blocks(script, tokenizer, transition.calibration_blocks, seed)
     set_seed(seed)  # a uniform-MoT source's fresh router is then the same in every run with this seed
-    converted = mot_to_token_choice(model, transition.num_experts_per_tok, transition.capacity_factor)
+    converted = mot_to_token_choice(
+        model, transition.num_experts_per_tok, transition.capacity_factor, calibration_ids=calibration_ids
+    )
     converted.save_pretrained(converted_dir)
-    AutoTokenizer.from_pretrained(source).save_pretrained(converted_dir)
+    tokenizer.save_pretrained(converted_dir)
+
+
+def training_blocks(script: "ScriptArguments", tokenizer, n_blocks: int, seed: int) -> torch.LongTensor:
+    """`(n_blocks, block_size)` ids of training blocks drawn at random (with `seed`) from `script.corpus`, packed as
+    the tuning run packs them (and cached for it in `script.data_cache_dir`)."""
+    from .data import load_text, pack
+
+    blocks = pack(load_text(script.corpus), tokenizer, script.block_size, script.data_cache_dir)
+    picked = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:n_blocks]
+    return torch.tensor(blocks.select(picked.tolist())["input_ids"])
 
 
 def check_saved_conversion(converted_dir: Path, transition: TransitionArguments) -> None:
@@ -252,7 +379,6 @@ def check_saved_conversion(converted_dir: Path, transition: TransitionArguments)
             )
 
 
-
 TRANSITION_USAGE = """Transition tuning: convert a trained MoTGPT checkpoint into a batch-independent Token Choice
 model and fine-tune it.
 
@@ -265,7 +391,9 @@ tokenizer, in OUTPUT_DIR/converted, then fine-tuned like `mot-finetune` into OUT
 `--resume` and every argument of `mot-train` work the same (all listed here), with other defaults:
 `--learning_rate 3e-4 --warmup_steps 0.1 --max_steps 100 --output_dir runs/transition-tuned`.
 `--num_experts_per_tok` (default: FLOP-matched d_ff / expert_size) and `--capacity_factor` (default: no limit, which
-keeps the model batch-independent) set the Token Choice layers. The result loads with `AutoModelForCausalLM`, with or
+keeps the model batch-independent and computes only the routed tokens) set the Token Choice layers. The router starts
+balanced: its bias is calibrated on `--calibration_blocks` (64) blocks of the training corpus. Tuning adds the
+load-balancing loss; the saved model computes none unless asked. The result loads with `AutoModelForCausalLM`, with or
 without this package installed (`trust_remote_code=True` then).
 """
 
@@ -311,9 +439,13 @@ def main(argv: list[str] | None = None) -> None:
     script, args = parse_args(TRANSITION_DEFAULTS + rest)
     run_transition_tuning(script, args, transition)
 
+
 __all__ = [
     "MIN_SOURCE_TEMPERATURE",
     "TransitionArguments",
+    "balancing_bias",
+    "calibrate_router_bias",
+    "finish_tuned_model",
     "flop_matched_experts_per_token",
     "mot_to_token_choice",
     "output_scale",

@@ -171,14 +171,3 @@ def test_flops_per_token_equal_the_dense_twin_up_to_routing(ffn_type):
     # The experts' active weights equal the dense MLP's; the dense MLP alone has biases (d_ff + d).
     per_layer = 2 * (router - d_ff - d) + mixing
     assert flops_per_token(model) - flops_per_token(dense) == config.n_layer * per_layer
-
-
-def test_token_choice_without_limit_gives_experts_room_for_the_busiest_load_only():
-    layer = make_layer(ffn_type="token_choice", num_experts_per_tok=1, capacity_factor=None)
-    x = torch.randn(B, S, D, dtype=torch.float64)
-    shapes = []
-    experts = layer.experts
-    layer.experts = lambda tokens: shapes.append(tuple(tokens.shape)) or experts(tokens)
-    _, router_logits = layer(x)
-    busiest = int(torch.bincount(router_logits.argmax(dim=-1).flatten(), minlength=4).max())
-    assert shapes == [(4, busiest, D)] and busiest < B * S

@@ -15,10 +15,17 @@ import pytest
 import torch
 from conftest import lay_out_hub_cache, random_ids, run_without_package, tiny_config
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainerControl, TrainerState
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    TrainerControl,
+    TrainerState,
+)
 
 from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM, training
-from mixture_of_tokens.data import sotu_speech_files, train_bpe_tokenizer
+from mixture_of_tokens.data import head, load_text, pack, sotu_speech_files, train_bpe_tokenizer
 from mixture_of_tokens.modeling_mot import MoTLayer, TokenChoiceLayer
 from mixture_of_tokens.training import (
     ScriptArguments,
@@ -29,11 +36,14 @@ from mixture_of_tokens.training import (
     run_training,
 )
 from mixture_of_tokens.transition import (
+    BALANCING_TEMPERATURES,
     TRANSITION_DEFAULTS,
     TransitionArguments,
+    balancing_bias,
     main,
     mot_to_token_choice,
     run_transition_tuning,
+    training_blocks,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,8 +120,8 @@ def test_default_experts_per_token_is_flop_matched_without_capacity_limit():
     config = mot_to_token_choice(mot_model()).config
     assert (config.ffn_type, config.num_experts_per_tok, config.expert_size) == ("token_choice", 2, 64)
     assert config.capacity_factor is None and config.norm_topk_prob is True
-    assert config.learnable_temperature == "none"
-    assert config.output_router_logits is False  # k = 2 from MoT: the gates train the router
+    assert config.learnable_temperature == "none" and config.router_bias is False  # no calibration text given
+    assert config.output_router_logits is False
 
 
 def test_a_uniform_mot_layer_gets_a_fresh_router_that_spreads_tokens_over_the_experts():
@@ -121,13 +131,11 @@ def test_a_uniform_mot_layer_gets_a_fresh_router_that_spreads_tokens_over_the_ex
     assert 0.7 * std < router.std() < std and router.abs().max() <= 2 * std + 1e-7
     best = (torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) @ router).argmax(-1)
     assert set(best.tolist()) == set(range(6))  # a zero router sent every token to experts 0 and 1
-    assert converted.config.output_router_logits is True
 
 
 def test_a_converted_router_with_one_expert_per_token_learns_through_the_balancing_loss():
     torch.manual_seed(0)
     converted = mot_to_token_choice(mot_model(), num_experts_per_tok=1).train()
-    assert converted.config.output_router_logits is True
     ids = random_ids(6, 8)
 
     def router_change(**kwargs) -> float:
@@ -140,9 +148,10 @@ def test_a_converted_router_with_one_expert_per_token_learns_through_the_balanci
             optimizer.step()
         return float((model.transformer.h[0].mlp.controller.detach() - before).abs().max())
 
-    assert router_change() > 1e-5
-    # Without the balancing loss the gate is the constant 1 and the router gets no gradient (up to rounding).
-    assert router_change(output_router_logits=False) < 1e-7
+    # Transition tuning trains with the balancing loss; without it the gate is the constant 1 and the router gets no
+    # gradient (up to rounding).
+    assert router_change(output_router_logits=True) > 1e-5
+    assert router_change() < 1e-7
 
 
 def test_norm_topk_prob_true_gives_a_single_expert_gate_one():
@@ -161,7 +170,7 @@ def test_norm_topk_prob_true_gives_a_single_expert_gate_one():
 
 def test_converted_model_gives_a_row_the_same_logits_alone_and_in_any_batch():
     mot = mot_model()
-    converted = mot_to_token_choice(mot)
+    converted = mot_to_token_choice(mot, calibration_ids=random_ids(12, 6, seed=3))
     ids = random_ids(8, 6)
     with torch.no_grad():
         # MoT itself mixes rows: the check below would fail for it.
@@ -173,11 +182,18 @@ def test_converted_model_gives_a_row_the_same_logits_alone_and_in_any_batch():
 
 
 def test_converted_model_keeps_cached_generation_equal_for_a_row_alone_and_in_a_batch():
-    converted = mot_to_token_choice(mot_model())
+    converted = mot_to_token_choice(mot_model(), calibration_ids=random_ids(12, 6, seed=3))
     ids = random_ids(5, 4)
     together = converted.generate(ids, max_new_tokens=6, do_sample=False)
     alone = converted.generate(ids[3:4], max_new_tokens=6, do_sample=False)
     assert torch.equal(together[3], alone[0])
+    # Cached decoding gives the logits of a full forward pass over the generated sequence.
+    with torch.no_grad():
+        steps = converted.generate(
+            ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        full = converted(steps.sequences).logits[:, ids.shape[1] - 1 : -1]
+    torch.testing.assert_close(torch.stack(steps.logits, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
 LOADER = r"""
@@ -195,6 +211,17 @@ print(json.dumps({
     "logits": logits.tolist(),
 }))
 """
+
+
+def test_a_saved_converted_model_computes_no_auxiliary_loss_unless_asked(tmp_path):
+    mot_to_token_choice(mot_model(), calibration_ids=random_ids(12, 6, seed=3)).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["output_router_logits"] is False
+    reloaded, ids = AutoModelForCausalLM.from_pretrained(tmp_path).eval(), random_ids(4, 6)
+    with torch.no_grad():
+        plain, asked = reloaded(ids, labels=ids), reloaded(ids, labels=ids, output_router_logits=True)
+    assert plain.aux_loss is None and not plain.router_logits
+    assert asked.aux_loss > 0
+    torch.testing.assert_close(asked.loss, plain.loss + 0.01 * asked.aux_loss)
 
 
 def test_converted_checkpoint_loads_identically_with_and_without_the_package(tmp_path):
@@ -260,6 +287,56 @@ def test_config_refuses_a_non_boolean_norm_topk_prob():
         MoTGPTConfig(norm_topk_prob="yes")
 
 
+# Balanced conversion
+
+
+def first_choice_loads(model: MoTGPTForCausalLM, ids: torch.Tensor) -> list[torch.Tensor]:
+    """For each Token Choice layer, each expert's share of the first choices of the tokens of `ids`, times the
+    number of experts (1 everywhere when balanced)."""
+    with torch.no_grad():
+        router_logits = model(ids, output_router_logits=True).router_logits
+    return [torch.bincount(logits.argmax(-1), minlength=logits.shape[-1]) / logits.shape[0] * logits.shape[-1]
+            for logits in router_logits]  # fmt: skip
+
+
+def add_shared_offset_(mot: MoTGPTForCausalLM, offset: torch.Tensor) -> None:
+    """Add `offset` `(n_experts,)` to the controller logits of every token, which MoT's softmax over the group ignores.
+
+    The controller sees x = gamma * n + beta after LayerNorm, where n sums to 0 over the features, so x . (1 / gamma)
+    is beta . (1 / gamma) for every token (not 0 once beta is): a controller column along 1 / gamma adds a constant."""
+    with torch.no_grad():
+        for block in mot.transformer.h:
+            direction = 1 / block.ln_2.weight
+            block.mlp.controller += torch.outer(direction / (block.ln_2.bias @ direction), offset)
+
+
+def test_calibration_removes_a_per_expert_offset_that_mot_ignores():
+    mot, ids = mot_model(), random_ids(8, 6)
+    calibration = random_ids(32, 6, seed=3)
+    with torch.no_grad():
+        for block in mot.transformer.h:
+            block.ln_2.bias.normal_(0.0, 0.5)
+        before = mot(ids).logits
+        plain = mot_to_token_choice(mot, calibration_ids=calibration)
+        add_shared_offset_(mot, torch.tensor([6.0, 3.0, 0.0, 0.0, -3.0, -6.0]))
+        torch.testing.assert_close(mot(ids).logits, before, rtol=1e-4, atol=1e-4)  # MoT does not see it
+    assert all(load[0] == 6 for load in first_choice_loads(mot_to_token_choice(mot), ids))  # expert 0 takes all
+    calibrated = mot_to_token_choice(mot, calibration_ids=calibration)
+    with torch.no_grad():
+        torch.testing.assert_close(calibrated(ids).logits, plain(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("far", "temperatures"), [(0.0, BALANCING_TEMPERATURES), (60.0, (0.03,))], ids=["skewed", "underflowing"]
+)
+def test_balancing_bias_gives_every_expert_an_equal_share_of_first_choices(far, temperatures):
+    logits = torch.randn(4096, 16) + torch.linspace(-4, 4, 16)  # skewed: expert 15 first for most tokens
+    logits[:, 0] -= far  # straight at t = 0.03, its softmax share underflows to 0
+    assert torch.bincount(logits.argmax(-1), minlength=16).max() > 0.5 * 4096
+    loads = torch.bincount((logits + balancing_bias(logits, temperatures)).argmax(-1), minlength=16)
+    assert loads.min() >= 0.9 * 256 and loads.max() <= 1.1 * 256
+
+
 # Temperature annealing
 
 
@@ -319,6 +396,29 @@ def test_annealed_run_ends_at_temperature_zero_and_saves_it(annealed_run):
     assert checkpoint["router_temperature"] == pytest.approx(annealed_temperature(2, 4, 1.0, 1.0)) == 0.5
     assert json.loads((annealed_run / "config.json").read_text())["router_temperature"] == 0
     assert AutoModelForCausalLM.from_pretrained(annealed_run).transformer.h[0].mlp.temperature == 0
+
+
+@pytest.fixture(scope="module")
+def trained_mot(corpus, tmp_path_factory) -> Path:
+    """A tiny MoT model (E 8, G 4, so k = 2) trained for 30 steps on the corpus."""
+    output_dir = tmp_path_factory.mktemp("trained-mot")
+    argv = data_args(corpus) + ["--vocab_size", "300", "--output_dir", str(output_dir), "--max_steps", "30"]
+    argv += ["--learning_rate", "3e-3", "--eval_steps", "100", "--save_steps", "100", "--logging_steps", "100"]
+    argv += ["--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8"]
+    run_training(*parse_args(argv + ["--model", "n_layer=2", "n_embd=32", "n_head=2", "n_experts=8", "group_size=4"]))
+    return output_dir
+
+
+def test_a_trained_model_converts_to_a_balanced_router_on_held_out_text(corpus, trained_mot):
+    mot, tokenizer = AutoModelForCausalLM.from_pretrained(trained_mot), AutoTokenizer.from_pretrained(trained_mot)
+    script = ScriptArguments(corpus=[corpus["train"]], block_size=16, data_cache_dir=corpus["cache"])
+    calibration = training_blocks(script, tokenizer, 64, seed=0)
+    held_out = torch.tensor(head(pack(load_text([corpus["valid"]]), tokenizer, 16), 64)["input_ids"])  # 1,024 tokens
+    # Without the router bias a few experts take most first choices and some none.
+    raw = first_choice_loads(mot_to_token_choice(mot), held_out)
+    assert max(float(load.max()) for load in raw) > 4 and any(bool((load == 0).any()) for load in raw)
+    for load in first_choice_loads(mot_to_token_choice(mot, calibration_ids=calibration), held_out):
+        assert load.max() <= 2 and load.min() > 0  # the busiest at most twice the uniform share; no expert idle
 
 
 def test_resumed_annealed_run_continues_the_schedule(corpus, annealed_run, tmp_path):
@@ -389,6 +489,16 @@ def test_transition_script_converts_and_tunes_a_checkpoint_into_a_token_choice_m
     assert torch.equal(switched.transformer.h[0].mlp.w_in, mot.transformer.h[0].mlp.w_in)
     assert (tmp_path / "tuned" / "modeling_mot.py").exists() and (tmp_path / "tuned" / "tokenizer.json").exists()
     assert any("eval_loss" in json.loads(line) for line in (tmp_path / "tuned" / "metrics.jsonl").open())
+    # Calibrated, trained with the balancing loss (as the checkpoint's config shows), calibrated again after tuning
+    # (the final router bias is not the last checkpoint's), saved without the loss.
+    assert switched.transformer.h[0].mlp.router_bias.abs().sum() > 0
+    last = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned" / "checkpoint-3")
+    assert last.config.output_router_logits is True
+    assert not torch.equal(last.transformer.h[0].mlp.router_bias, switched.transformer.h[0].mlp.router_bias)
+    assert not torch.equal(tuned.transformer.h[0].mlp.router_bias, last.transformer.h[0].mlp.router_bias)
+    torch.testing.assert_close(tuned.transformer.h[0].mlp.w_in, last.transformer.h[0].mlp.w_in, rtol=0, atol=0)
+    for model in (tuned, switched):
+        assert model.config.router_bias is True and model.config.output_router_logits is False
 
 
 def test_transition_script_help_lists_the_training_arguments_and_its_own_defaults(capsys):
@@ -416,30 +526,52 @@ class OneProcessArguments:
 
 
 @pytest.fixture
-def trained_from(monkeypatch) -> list[str]:
-    """`run_training` replaced by a stub that records the checkpoint it was given."""
-    checkpoints = []
-    monkeypatch.setattr(training, "run_training", lambda script, args: checkpoints.append(script.model_name_or_path))
-    return checkpoints
+def trained_from(monkeypatch) -> list[tuple[str, list[str]]]:
+    """`run_training` replaced by a stub that records the checkpoint and the config overrides it was given and, where
+    that checkpoint exists, saves it as training leaves it: in the output folder, with the balancing loss on."""
+    calls = []
+
+    def run_training(script, args):
+        calls.append((script.model_name_or_path, script.model))
+        if Path(script.model_name_or_path).exists():
+            AutoModelForCausalLM.from_pretrained(script.model_name_or_path, output_router_logits=True).save_pretrained(
+                args.output_dir
+            )
+            AutoTokenizer.from_pretrained(script.model_name_or_path).save_pretrained(args.output_dir)
+
+    monkeypatch.setattr(training, "run_training", run_training)
+    return calls
+
+
+def transition_script(corpus, mot_checkpoint, **kwargs) -> ScriptArguments:
+    return ScriptArguments(
+        model_name_or_path=str(mot_checkpoint), corpus=[corpus["train"]], data_cache_dir=corpus["cache"],
+        block_size=16, **kwargs,
+    )  # fmt: skip
 
 
 def test_only_the_saving_process_converts_and_it_does_so_before_releasing_the_others(
-    mot_checkpoint, tmp_path, trained_from
+    corpus, mot_checkpoint, tmp_path, trained_from
 ):
-    script = ScriptArguments(model_name_or_path=str(mot_checkpoint))
+    script = transition_script(corpus, mot_checkpoint, model=["n_head=2"])
     replica = OneProcessArguments(tmp_path, should_save=False)
     run_transition_tuning(script, replica, TransitionArguments())
     assert not (tmp_path / "converted").exists()
     main = OneProcessArguments(tmp_path, should_save=True)
     run_transition_tuning(script, main, TransitionArguments())
     assert main.saved_when_released and main.first_local is False  # one shared copy: the global main process first
-    assert trained_from == [str(tmp_path / "converted")] * 2
+    # Both train with the balancing loss on (the user's overrides after it, so they win); only the saving process
+    # writes the tuned config, with it off.
+    assert trained_from == [(str(tmp_path / "converted"), ["output_router_logits=true", "n_head=2"])] * 2
+    assert json.loads((tmp_path / "config.json").read_text())["output_router_logits"] is False
 
 
-def test_resuming_refuses_transition_arguments_other_than_the_saved_conversions(mot_checkpoint, tmp_path, trained_from):
+def test_resuming_refuses_transition_arguments_other_than_the_saved_conversions(
+    corpus, mot_checkpoint, tmp_path, trained_from
+):
     args = OneProcessArguments(tmp_path, should_save=True)
-    run_transition_tuning(ScriptArguments(model_name_or_path=str(mot_checkpoint)), args, TransitionArguments(3))
-    resume = ScriptArguments(model_name_or_path=str(mot_checkpoint), resume=True)
+    run_transition_tuning(transition_script(corpus, mot_checkpoint), args, TransitionArguments(3))
+    resume = transition_script(corpus, mot_checkpoint, resume=True)
     for agreeing in (TransitionArguments(), TransitionArguments(num_experts_per_tok=3)):
         run_transition_tuning(resume, args, agreeing)
     message = r"`--num_experts_per_tok`=2 differs from the saved conversion's num_experts_per_tok=3"
@@ -474,12 +606,17 @@ def test_transition_benchmark_quick_mode_writes_its_results(tmp_path):
     results = json.loads((tmp_path / "transition.json").read_text())
     assert (tmp_path / "transition.png").exists()
     loss, curve = results["validation_loss"], results["tuning_curve"]
-    assert set(loss) == {"mot", "mot_t0", "after_switch", "tuned", "annealed_t0"}
+    assert set(loss) == {"mot", "mot_t0", "uncalibrated_switch", "after_switch", "tuned", "annealed_t0"}
     for key, value in [*loss.items(), *(("tuning curve", value) for _, value in curve)]:
         assert math.isfinite(value) and value > 0, key
+    # The benchmark evaluates every tuning checkpoint itself (one per step here), then the final, recalibrated model.
     assert [step for step, _ in curve] == list(range(results["tuning_steps"] + 1))
-    # Tuning lowers the loss (by about 0.012 in 2 steps, at every seed tried), and the Trainer's last evaluation
-    # agrees with the benchmark's own evaluation of the final model.
-    assert curve[-1][1] < loss["after_switch"]
-    assert curve[-1][1] == pytest.approx(loss["tuned"], rel=1e-5)
+    assert curve[0][1] == loss["after_switch"] and curve[-1][1] < loss["after_switch"]
+    assert [step for step, _ in results["balance_curve"]] == [step for step, _ in curve]
+    balances = [results["balance_uncalibrated"], results["balance_tuned"], *(b for _, b in results["balance_curve"])]
+    assert all(len(layers) == len(results["mot_layers"]) == 1 for layers in balances)
+    assert results["expert_rows_per_assignment"] == {"training": 1.0, "decoding": 1.0}
+    speed = results["speed"]
+    assert set(speed["train_step_ms"]) == {"dense", "mot", "token_choice"}
+    assert set(speed["generation_tokens_per_second"]["batch_1"]) == {"dense", "token_choice"}  # MoT needs a group
     assert results["annealed_curve"][-1][0] == results["mot_steps"]
