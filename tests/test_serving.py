@@ -544,7 +544,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits(servers):
 def refuses_connections(url: str) -> bool:
     try:
         httpx.get(f"{url}/health", timeout=1)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError):  # refused, or closed unanswered while shutting down
         return True
     return False
 
