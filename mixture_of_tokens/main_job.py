@@ -1,7 +1,7 @@
 """The main job: train a small MoT model and its dense twin on the bundled corpus, evaluate both, generate samples
 through `pipeline`, and write a report folder.
 
-    mot-main                      # defaults: mot-tiny vs dense-tiny, about 10 minutes on 2 cores
+    mot-main                      # defaults: mot-tiny vs dense-tiny, under 30 minutes on 2 cores
     mot-main --max_steps 20       # a quick smoke run
 
 Runs live in RUNS_DIR/<preset>; an interrupted job resumes from their checkpoints, and finished runs are reused.
