@@ -526,6 +526,9 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
 
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
     def _check_grouped_batch(
         self,
         batch_size: int,
@@ -571,9 +574,6 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
                     "group. A multiple of group_size avoids it."
                 )
             self._checked_training_batch = True
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.wte = new_embeddings
 
     @merge_with_config_defaults
     @capture_outputs

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from torch.distributed.fsdp import FSDPModule
 from transformers import (
     AutoModelForCausalLM,
@@ -331,11 +331,12 @@ class MoTTrainer(Trainer):
         """As `Trainer`'s, with FSDP on CPU too, and under `accelerate launch` with an FSDP config that names no wrap
         policy, one FSDP unit per `_no_split_modules` block (`MoTGPTBlock`), as `--fsdp` does (accelerate's own
         default is one unit for the whole model, which gathers every parameter at once)."""
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if parse_flag_from_env("ACCELERATE_USE_FSDP"):  # set by `accelerate launch` with an FSDP config
             os.environ.setdefault("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
         super().create_accelerator_and_postprocess()
         state = self.accelerator.state
-        if state.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        # Read again: with `--fsdp`, `Trainer` sets the flag in the call above.
+        if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
             # Accelerate turns FSDP on only on accelerators and would silently train with DDP on CPU, although FSDP2
             # shards over gloo. Set up as accelerate does on a GPU, where both states record FSDP.
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))

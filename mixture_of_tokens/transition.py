@@ -77,7 +77,7 @@ TRANSITION_DEFAULTS = [
 
 @dataclass
 class TransitionArguments:
-    """What `mot-transition-tune` adds to the training' arguments."""
+    """What `mot-transition-tune` adds to the training arguments."""
 
     num_experts_per_tok: int | None = field(
         default=None, metadata={"help": "experts per token k; default: the FLOP-matched d_ff / expert_size"}
