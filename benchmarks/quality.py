@@ -1,25 +1,30 @@
-"""The paper's comparison at CPU scale: dense, MoT at several (E, mixtures per expert) settings, uniform-routing MoT,
-Token Choice and Expert Choice, all at the same FLOPs per token, trained on the same tokens with the same schedule.
+"""The paper's comparison at CPU scale, tuned and seeded: dense, MoT in the authors' regime and its ablations,
+uniform-routing MoT, Token Choice (with its load-balancing loss) and Expert Choice, trained on the same tokens with
+the same schedule and scored on the same 2,048 held-out blocks.
 
-A benchmark, not a test. Every run trains the `tiny` backbone (4 blocks, d 128, 4 heads, every block's MLP replaced)
-on the bundled State of the Union corpus with `scripts/train.py`'s code path (`run_training`, the paper's optimizer
-settings), the same seed (so the same initial embeddings and the same batches in the same order) and evaluates the
-validation loss on the same held-out blocks every `--eval_steps` steps. It reports each run's final validation loss
-and, for each run, the fraction of the dense run's steps it needs to reach the dense run's final validation loss
-(linear interpolation between evaluations; `null` if it never does), and the other way round, the step at which the
-dense run reached that run's final loss.
+A benchmark, not a test. Every run trains one variant (`VARIANTS`) of a backbone (`tiny`: 4 blocks, d 128, G 16;
+`medium`: the paper's 8 blocks, d 512, G 32, experts in the second half) with `mot-train`'s code path on the
+bundled State of the Union corpus, and evaluates its validation loss every `--eval_steps` steps on `--eval_blocks`
+held-out blocks drawn in a fixed shuffled order (every held-out speech, MoT groups of blocks of different speeches,
+full groups only). The stages build on each other:
 
-    .venv/bin/python benchmarks/quality.py                           # every run (about 10 minutes each on 2 cores)
-    .venv/bin/python benchmarks/quality.py --runs dense mot_e32      # a subset; finished runs are reused
-    .venv/bin/python benchmarks/quality.py --quick                   # a few steps of each, for a smoke test
+    python benchmarks/quality.py --stage tune     # every TUNED variant at each of --learning_rates, a short budget
+    python benchmarks/quality.py --stage final    # dense, best MoT and best sparse model at their best rate, 3 seeds
+    python benchmarks/quality.py --stage regime   # the MoT ablations (k, T, blocks, emit weights) at MoT's best rate
+    python benchmarks/quality.py --stage long     # dense and the best MoT for --long_factor times the tokens
+    python benchmarks/quality.py                  # rebuild the summary from the committed curves, train nothing
+    python benchmarks/quality.py --device cuda --bf16 --backbone medium --stage final   # on a GPU
 
-Runs live in `--runs_dir/<name>`: an interrupted run resumes from its last checkpoint, a finished one is reused, so
-the whole benchmark can be built up a subset at a time. Writes `--out` (JSON) and the same name with `.png`.
+Each finished run writes its compact curve to `--curves_dir` (one JSON per run, committed), and the summary
+(`--out` JSON and PNG) is always rebuilt from those files alone, so the comparison can be rebuilt without training
+and continued run by run on other machines. Run folders (`--runs_dir`) hold the checkpoints: an interrupted run
+resumes, a finished one is skipped.
 """
 
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,59 +42,98 @@ from mixture_of_tokens.training import (  # noqa: E402
 )
 
 RESULTS = Path(__file__).parent / "results"
-# name -> (preset, config overrides). The backbone is `tiny` (G 16, d_ff 512). A FLOP-matched MoT expert is
-# f = G * d_ff / E wide, i.e. d_ff / k with k = E / G (the paper's "MoT/GE/k" naming): mot_e32 is k 2, mot_e128 is
-# k 8. MoT runs at T = 0.1, which led T = 1 (the config's default, run mot_e32_t1) early in a 400-step pilot.
-# Token and Expert Choice use E = G = 16 experts of width d_ff and one expert per token. Every model except the
-# dense one thus holds 16 times the dense MLP's parameters and spends the dense MLP's FLOPs per token.
-RUNS = {
-    # The reference: GPT-2's MLP with the experts' activation (ReLU, as in the paper), so only the layer differs.
-    "dense": ("dense-tiny", {"activation_function": "relu"}),
-    "dense_gelu": ("dense-tiny", {}),  # GPT-2's own gelu_new, as in the main job's dense twin
-    "mot_e32": ("mot-tiny", {"n_experts": 32, "router_temperature": 0.1}),
-    "mot_e128": ("mot-tiny", {"n_experts": 128, "router_temperature": 0.1}),
-    "mot_e32_t1": ("mot-tiny", {"n_experts": 32, "router_temperature": 1.0}),
-    "uniform_mot": ("mot-tiny", {"n_experts": 32, "ffn_type": "uniform_mot"}),
-    "token_choice": ("mot-tiny", {"n_experts": 16, "ffn_type": "token_choice", "capacity_factor": 1.25}),
-    "expert_choice": ("mot-tiny", {"n_experts": 16, "ffn_type": "expert_choice"}),
+# Variant -> (preset family, config overrides). "k" is the paper's mixtures per expert, E / G (the overrides get
+# n_experts = k * G of the backbone); a MoT expert is then d_ff / k wide, so each variant spends the dense MLP's
+# expert FLOPs per token, plus MoT's controller and mixing (about 3 * E * d per token and layer, reported as the
+# FLOPs ratio). Token and Expert Choice use E = G experts of width d_ff and one expert per token. Every MLP uses
+# ReLU (the presets' rule, the paper's experts) and, but for `dense_gpt2_init`, the experts' init rule.
+VARIANTS = {
+    "dense": ("dense", {}),
+    "dense_gpt2_init": ("dense", {"mlp_init": "gpt2"}),  # GPT-2's init of the MLP (std 0.02, scaled output weights)
+    "mot_k2": ("mot", {"k": 2}),
+    "mot_k8": ("mot", {"k": 8}),
+    "mot_k16": ("mot", {"k": 16}),  # the authors' proof-of-concept regime: k 16, T 1
+    "mot_k16_t0.1": ("mot", {"k": 16, "router_temperature": 0.1}),
+    "mot_k16_learned_t": ("mot", {"k": 16, "learnable_temperature": "layer"}),
+    "mot_k16_second_half": ("mot", {"k": 16, "mot_layers": "second_half"}),
+    "mot_k16_emit_experts": ("mot", {"k": 16, "mot_emit_weights": "experts"}),
+    "uniform_mot_k16": ("mot", {"k": 16, "ffn_type": "uniform_mot"}),
+    "token_choice": (
+        "mot",
+        {"k": 1, "ffn_type": "token_choice", "capacity_factor": 1.25, "output_router_logits": True},
+    ),
+    "expert_choice": ("mot", {"k": 1, "ffn_type": "expert_choice"}),
 }
-QUICK = {"max_steps": 4, "eval_steps": 2, "block_size": 16, "batch_size": 16, "eval_blocks": 16}
+MOT = "mot_k16"  # the MoT variant whose learning rate is tuned; the regime stage reuses that rate
+TUNED = ("dense", MOT, "token_choice", "expert_choice")
+SPARSE = ("token_choice", "expert_choice")
+REGIME = ("mot_k2", "mot_k8", "mot_k16", "mot_k16_t0.1", "mot_k16_learned_t", "mot_k16_second_half",
+          "mot_k16_emit_experts", "uniform_mot_k16", "dense_gpt2_init")  # fmt: skip
+QUICK = {"max_steps": 4, "tune_steps": 2, "eval_steps": 2, "block_size": 16, "batch_size": 16, "eval_blocks": 16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="RUN")
-    parser.add_argument("--max_steps", type=int, default=1000)
-    parser.add_argument("--eval_steps", type=int, default=50)
+    parser.add_argument("--stage", choices=["tune", "final", "regime", "long", "summary"], default="summary")
+    parser.add_argument("--backbone", choices=["tiny", "medium"], default="tiny")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="train only these of the stage's runs")
+    parser.add_argument("--learning_rates", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the final stage")
+    parser.add_argument("--tune_steps", type=int, default=300, help="steps of each tuning run")
+    parser.add_argument("--max_steps", type=int, default=1000, help="steps of each final and regime run")
+    parser.add_argument("--long_factor", type=int, default=5, help="the long stage trains this many times longer")
+    parser.add_argument("--eval_steps", type=int, default=200)
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--eval_blocks", type=int, default=256, help="held-out blocks evaluated at every eval step")
-    parser.add_argument("--learning_rate", type=float, default=7e-4)
-    parser.add_argument("--corpus", nargs="+", default=["sotu"], help="training text, as for scripts/train.py")
+    parser.add_argument("--eval_blocks", type=int, default=2048, help="held-out blocks, in a fixed shuffled order")
+    parser.add_argument("--corpus", nargs="+", default=["sotu"], help="training text, as for mot-train")
     parser.add_argument("--validation", nargs="*", default=[], help="validation text; default: held-out speeches")
     parser.add_argument("--vocab_size", type=int, default=8192, help="size of the byte-level BPE trained on it")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (on a GPU)")
     parser.add_argument("--data_cache_dir", default=".cache/mot-data")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs_dir", default="runs/quality")
+    parser.add_argument("--curves_dir", default=str(RESULTS / "quality"), help="one compact JSON per finished run")
     parser.add_argument("--out", default=str(RESULTS / "quality.json"))
     parser.add_argument("--quick", action="store_true", help="a few tiny steps of every run (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    # Every ratio is to the dense run, so it is always part of the summary: trained last when not asked for (a
-    # concurrent invocation may be training it meanwhile), reused when finished.
-    args.runs = list(dict.fromkeys(args.runs + ["dense"]))
     return args
 
 
-def train(name: str, args: argparse.Namespace) -> tuple[Path, float]:
-    """Train run `name` into RUNS_DIR/name (resuming a stopped one) or reuse it; returns its folder and seconds."""
-    output_dir = Path(args.runs_dir) / name
-    preset, overrides = RUNS[name]
+def variant_config(variant: str, backbone: str, **fields) -> dict:
+    """The (preset, config overrides) of a variant on a backbone, with "k" resolved to n_experts = k * G."""
+    family, overrides = VARIANTS[variant]
+    overrides = {"mlp_init": "experts"} | dict(overrides) | fields
+    if "k" in overrides:
+        overrides["n_experts"] = overrides.pop("k") * preset_config(f"mot-{backbone}").group_size
+    return {"preset": f"{family}-{backbone}", "overrides": overrides}
+
+
+def run_id(variant: str, learning_rate: float, seed: int, steps: int) -> str:
+    return f"{variant}-lr{learning_rate:g}-s{seed}-{steps}"
+
+
+def train(variant: str, learning_rate: float, seed: int, steps: int, args: argparse.Namespace) -> dict:
+    """Train one run (resuming a stopped one, skipping one whose curve exists), write its curve file, return it."""
+    name = run_id(variant, learning_rate, seed, steps)
+    curve_file = Path(args.curves_dir) / args.backbone / f"{name}.json"
+    spec, settings = variant_config(variant, args.backbone), run_settings(args)
+    if curve_file.exists():
+        record = json.loads(curve_file.read_text())
+        changed = {key: (record[key], now) for key, now in {**spec, "settings": settings}.items() if record[key] != now}
+        if changed:
+            raise ValueError(
+                f"the committed run {curve_file} was made with other settings (recorded, now): {changed}. "
+                "Give another --curves_dir, or delete that file to train the run again."
+            )
+        return record
+    output_dir = Path(args.runs_dir) / args.backbone / name
     script = ScriptArguments(
-        preset=preset,
-        model=[f"{key}={json.dumps(value)}" for key, value in overrides.items()],
+        preset=spec["preset"],
+        model=[f"{key}={json.dumps(value)}" for key, value in spec["overrides"].items()],
         corpus=args.corpus,
         validation=args.validation,
         vocab_size=args.vocab_size,
@@ -97,28 +141,106 @@ def train(name: str, args: argparse.Namespace) -> tuple[Path, float]:
         block_size=args.block_size,
         max_eval_blocks=args.eval_blocks,
     )
+    # Tuning runs are scored once, at the end; longer runs every eval_steps, scaled to keep ~5 evaluations.
+    eval_steps = steps if steps < args.max_steps else args.eval_steps * (steps // args.max_steps)
     training_args = MoTTrainingArguments(
         output_dir=str(output_dir),
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
+        max_steps=steps,
+        learning_rate=learning_rate,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
-        eval_steps=args.eval_steps,
-        save_steps=max(args.eval_steps, args.max_steps // 5),
-        logging_steps=args.eval_steps,
-        seed=args.seed,
+        eval_steps=eval_steps,
+        save_steps=eval_steps,
+        logging_steps=eval_steps,
+        seed=seed,
+        use_cpu=args.device == "cpu",
+        bf16=args.bf16,
         disable_tqdm=True,
     )
-    print(f"[quality] {name}: {args.max_steps} steps")
+    print(f"[quality] {name}: {steps} steps", flush=True)
     tick = time.time()
-    trained = train_or_reuse(script, training_args)
-    return output_dir, time.time() - tick if trained else 0.0
+    train_or_reuse(script, training_args)
+    seconds = time.time() - tick
+    model = _model(spec, json.loads((output_dir / "config.json").read_text())["vocab_size"], args.block_size)
+    total, active = parameter_counts(model)
+    record = {
+        "run": name,
+        "variant": variant,
+        "backbone": args.backbone,
+        **spec,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "max_steps": steps,
+        "tokens_per_step": args.batch_size * args.block_size,
+        "settings": settings,
+        "validation_curve": validation_curve(output_dir),
+        "parameters": total,
+        "active_parameters_per_token": active,
+        "flops_per_token": flops_per_token(model),
+        "training_seconds": round(seconds, 1),
+        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()},
+    }
+    curve_file.parent.mkdir(parents=True, exist_ok=True)
+    curve_file.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The benchmark settings that change what a run computes, besides its variant, rate, seed and steps."""
+    keys = ("block_size", "batch_size", "eval_blocks", "corpus", "validation", "vocab_size", "device", "bf16")
+    return {key: getattr(args, key) for key in keys}
+
+
+def _model(spec: dict, vocab_size: int, block_size: int):
+    from mixture_of_tokens import MoTGPTForCausalLM
+
+    return MoTGPTForCausalLM(
+        preset_config(spec["preset"], vocab_size=vocab_size, n_positions=block_size, **spec["overrides"])
+    )
+
+
+def load_curves(curves_dir: str | Path, backbone: str) -> dict[str, dict]:
+    """Every committed run of a backbone, by run id."""
+    files = sorted((Path(curves_dir) / backbone).glob("*.json"))
+    return {record["run"]: record for record in (json.loads(f.read_text()) for f in files)}
+
+
+def final_loss(record: dict) -> float:
+    return record["validation_curve"][-1][1]
+
+
+def best_learning_rates(curves: dict[str, dict], steps: int) -> dict[str, float]:
+    """Each tuned variant's learning rate with the lowest final loss among its seed-0 runs of `steps` steps."""
+    best = {}
+    for variant in TUNED:
+        runs = [r for r in curves.values() if r["variant"] == variant and r["max_steps"] == steps and r["seed"] == 0]
+        if runs:
+            best[variant] = min(runs, key=final_loss)["learning_rate"]
+    return best
+
+
+def chosen_models(curves: dict[str, dict], args: argparse.Namespace) -> dict[str, str]:
+    """The final comparison's models: dense, the best MoT variant (lowest seed-0 loss of the regime stage at MoT's
+    tuned rate, else the tuned MoT variant) and the best sparse one (lowest tuning loss)."""
+    rates = best_learning_rates(curves, args.tune_steps)
+    chosen = {"dense": "dense", "mot": MOT}
+    regime = [
+        r for r in curves.values()
+        if r["variant"].startswith("mot") and r["max_steps"] == args.max_steps and r["seed"] == 0
+        and r["learning_rate"] == rates.get(MOT)
+    ]  # fmt: skip
+    if regime:
+        chosen["mot"] = min(regime, key=final_loss)["variant"]
+    sparse = [(v, r) for v, r in rates.items() if v in SPARSE]
+    if sparse:
+        tuning = {v: final_loss(curves[run_id(v, r, 0, args.tune_steps)]) for v, r in sparse}
+        chosen["sparse"] = min(tuning, key=tuning.get)
+    return chosen
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
     """The first step at which the validation loss reaches `target`, interpolated linearly between evaluations
-    (`None` if it never does). Evaluation starts after the first `eval_steps` steps, so a run that is already below
-    `target` at its first evaluation is credited with that step."""
+    (`None` if it never does). A run already below `target` at its first evaluation is credited with that step."""
     previous = None
     for step, loss in curve:
         if loss <= target:
@@ -130,101 +252,183 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
     return None
 
 
-def summarize(runs: dict[str, Path], seconds: dict[str, float], args: argparse.Namespace) -> dict:
-    curves = {name: validation_curve(run) for name, run in runs.items()}
-    dense_steps, dense_final = curves["dense"][-1]
-    summary = {}
-    for name, curve in curves.items():
-        config = preset_config(RUNS[name][0], **RUNS[name][1])
-        reached = steps_to_reach(curve, dense_final)
-        summary[name] = {
-            "config": {
-                key: getattr(config, key) for key in ("n_experts", "group_size", "ffn_type", "router_temperature")
-            }
-            | {"expert_size": config.expert_size_resolved, "mot_layers": config.mot_layer_indices},
-            "final_validation_loss": curve[-1][1],
-            "final_loss_ratio_to_dense": curve[-1][1] / dense_final,
-            "steps_to_dense_final_loss": reached,
-            "fraction_of_dense_steps": None if reached is None else reached / dense_steps,
-            # The other way round: how far the dense run had to train to reach this run's final loss.
-            "dense_steps_to_this_final_loss": steps_to_reach(curves["dense"], curve[-1][1]),
-            "training_seconds_this_invocation": round(seconds[name], 1),
-            "validation_curve": curve,
-        }
-    return summary
+def mean_curve(runs: list[dict]) -> list[list[float]]:
+    """The validation curve averaged over runs evaluated at the same steps."""
+    by_step = {}
+    for record in runs:
+        for step, loss in record["validation_curve"]:
+            by_step.setdefault(step, []).append(loss)
+    return [[step, statistics.fmean(losses)] for step, losses in sorted(by_step.items()) if len(losses) == len(runs)]
 
 
-def model_sizes(names: list[str], vocab_size: int, block_size: int) -> dict[str, dict]:
-    """Parameters, per-token active parameters and FLOPs per token of each run's model, and the FLOPs ratio to dense."""
-    from mixture_of_tokens import MoTGPTForCausalLM
-
-    sizes = {}
-    for name in names:
-        preset, overrides = RUNS[name]
-        model = MoTGPTForCausalLM(preset_config(preset, vocab_size=vocab_size, n_positions=block_size, **overrides))
-        total, active = parameter_counts(model)
-        sizes[name] = {
-            "parameters": total,
-            "active_parameters_per_token": active,
-            "flops_per_token": flops_per_token(model),
-        }
-    for size in sizes.values():
-        size["flops_ratio_to_dense"] = size["flops_per_token"] / sizes["dense"]["flops_per_token"]
-    return sizes
+def mean_and_spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": spread, "min": min(values), "max": max(values), "n": len(values)}
 
 
-def plot(summary: dict, path: Path) -> None:
+def compare(losses: dict, dense: dict) -> dict:
+    """A model's mean loss minus dense's, its standard error over the seeds (Welch), whether the gap exceeds twice
+    that, and whether the two ranges over seeds overlap."""
+    gap = losses["mean"] - dense["mean"]
+    error = (losses["std"] ** 2 / losses["n"] + dense["std"] ** 2 / dense["n"]) ** 0.5
+    return {
+        "gap_to_dense": gap,
+        "gap_standard_error": error,
+        "gap_exceeds_two_standard_errors": abs(gap) > 2 * error if error else None,  # None: one seed, no spread
+        "ranges_overlap": losses["min"] <= dense["max"] and dense["min"] <= losses["max"],
+    }
+
+
+def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
+    """The summary table, from the curve files alone: tuning grid, final comparison (mean and spread over seeds,
+    which differences exceed the spread), regime ablations and the gap against tokens of the long runs."""
+    rates = best_learning_rates(curves, args.tune_steps)
+    tuning = {
+        variant: {f"{r['learning_rate']:g}": final_loss(r) for r in curves.values()
+                  if r["variant"] == variant and r["max_steps"] == args.tune_steps and r["seed"] == 0}
+        for variant in TUNED
+    }  # fmt: skip
+    chosen = chosen_models(curves, args)
+    final = {}
+    for role, variant in chosen.items():
+        rate = rates.get(variant, rates.get(MOT))
+        runs = [curves[k] for s in args.seeds if (k := run_id(variant, rate, s, args.max_steps)) in curves]
+        if runs:
+            final[role] = {"variant": variant, "learning_rate": rate, "final_validation_loss":
+                           mean_and_spread([final_loss(r) for r in runs]), "seeds": [r["seed"] for r in runs],
+                           "mean_curve": mean_curve(runs)}  # fmt: skip
+    dense_runs = [r for r in curves.values() if r["variant"] == "dense"]
+    dense_flops = dense_runs[0]["flops_per_token"] if dense_runs else None
+    for role, entry in final.items():
+        record = curves[run_id(entry["variant"], entry["learning_rate"], entry["seeds"][0], args.max_steps)]
+        entry["flops_ratio_to_dense"] = record["flops_per_token"] / dense_flops if dense_flops else None
+        if role != "dense" and "dense" in final:
+            entry |= compare(entry["final_validation_loss"], final["dense"]["final_validation_loss"])
+            # Steps, on the seed-mean curves: this model's to reach dense's final loss, and dense's to reach this one's.
+            dense_curve = final["dense"]["mean_curve"]
+            entry["steps_to_dense_final_loss"] = steps_to_reach(entry["mean_curve"], dense_curve[-1][1])
+            entry["dense_steps_to_this_final_loss"] = steps_to_reach(dense_curve, entry["mean_curve"][-1][1])
+    regime = {}
+    mot_rate = rates.get(MOT)
+    for variant in REGIME:
+        rate = rates.get("dense") if variant.startswith("dense") else mot_rate
+        record = curves.get(run_id(variant, rate, 0, args.max_steps)) if rate else None
+        if record:
+            regime[variant] = {"learning_rate": rate, "final_validation_loss": final_loss(record),
+                               "flops_ratio_to_dense": record["flops_per_token"] / dense_flops if dense_flops else None,
+                               "config": record["overrides"]}  # fmt: skip
+    long = {}
+    for role in ("dense", "mot"):
+        variant = chosen[role]
+        rate = rates.get(variant, mot_rate)
+        record = curves.get(run_id(variant, rate, 0, args.max_steps * args.long_factor)) if rate else None
+        if record:
+            long[role] = {"variant": variant, "learning_rate": rate, "validation_curve": record["validation_curve"]}
+    if len(long) == 2:
+        dense_curve = dict(long["dense"]["validation_curve"])
+        tokens_per_step = args.batch_size * args.block_size
+        long["gap_against_tokens"] = [
+            [step * tokens_per_step, loss - dense_curve[step]]
+            for step, loss in long["mot"]["validation_curve"] if step in dense_curve
+        ]  # fmt: skip
+    return {"best_learning_rates": rates, "tuning_final_loss": tuning, "chosen": chosen, "final": final,
+            "regime": regime, "long": long}  # fmt: skip
+
+
+def plot(curves: dict[str, dict], summary: dict, args: argparse.Namespace, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for index, (name, result) in enumerate(summary.items()):
-        steps, losses = zip(*result["validation_curve"], strict=True)
-        fraction = result["fraction_of_dense_steps"]
-        label = name if fraction is None or name == "dense" else f"{name} (reaches dense final at {fraction:.2f})"
-        ax.plot(steps, losses, color=f"C{index}", marker=".", label=label, lw=2.2 if name == "dense" else 1.4)
-    dense_final = summary["dense"]["final_validation_loss"]
-    ax.axhline(dense_final, color="C0", ls=":", lw=1)
-    ax.set_ylim(dense_final - 0.15, dense_final + 1.2)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Equal FLOPs per token, same tokens and schedule")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, (tune_ax, final_ax, long_ax) = plt.subplots(1, 3, figsize=(16, 4.8))
+    for index, (variant, losses) in enumerate(summary["tuning_final_loss"].items()):
+        if losses:
+            rates = sorted(losses, key=float)
+            tune_ax.plot([float(r) for r in rates], [losses[r] for r in rates], marker="o", color=f"C{index}",
+                         label=variant)  # fmt: skip
+    tune_ax.set_xscale("log")
+    tune_ax.set_title(f"tuning: loss after {args.tune_steps} steps")
+    tune_ax.set_xlabel("peak learning rate")
+    for index, entry in enumerate(summary["final"].values()):
+        for seed in entry["seeds"]:
+            record = curves[run_id(entry["variant"], entry["learning_rate"], seed, args.max_steps)]
+            steps, losses = zip(*record["validation_curve"], strict=True)
+            label = f"{entry['variant']} (lr {entry['learning_rate']:g})" if seed == entry["seeds"][0] else None
+            final_ax.plot(steps, losses, color=f"C{index}", alpha=0.8, label=label)
+    final_ax.set_title(f"final comparison, seeds {args.seeds}")
+    final_ax.set_xlabel("training step")
+    if summary["final"]:
+        low = min(e["final_validation_loss"]["min"] for e in summary["final"].values())
+        final_ax.set_ylim(low - 0.1, low + 1.2)
+    if "gap_against_tokens" in summary["long"]:
+        tokens, gaps = zip(*summary["long"]["gap_against_tokens"], strict=True)
+        long_ax.plot([t / 1e6 for t in tokens], gaps, marker="o", color="C1")
+        long_ax.axhline(0, color="C0", ls=":")
+    long_ax.set_title(f"{summary['chosen']['mot']} minus dense, long runs")
+    long_ax.set_xlabel("tokens seen (millions)")
+    for ax in (tune_ax, final_ax, long_ax):
+        ax.set_ylabel("validation loss (nats/token)" if ax is not long_ax else "loss gap (nats/token)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run_stage(args: argparse.Namespace) -> None:
+    """Train the runs of `args.stage` (those of `args.variants` only, if given) that have no curve yet, given the
+    curves of the stages before it."""
+
+    def train_if_chosen(variant: str, learning_rate: float, seed: int, steps: int) -> None:
+        if args.variants is None or variant in args.variants:
+            train(variant, learning_rate, seed, steps, args)
+
+    if args.stage == "tune":
+        for variant in TUNED:
+            for rate in args.learning_rates:
+                train_if_chosen(variant, rate, 0, args.tune_steps)
+        return
+    curves = load_curves(args.curves_dir, args.backbone)
+    rates = best_learning_rates(curves, args.tune_steps)
+    missing = [v for v in TUNED if v not in rates]
+    if missing:
+        raise ValueError(f"--stage {args.stage} needs the tuning runs of {missing}: run --stage tune first.")
+    chosen = chosen_models(curves, args)
+    if args.stage == "regime":
+        for variant in REGIME:
+            train_if_chosen(variant, rates["dense"] if variant.startswith("dense") else rates[MOT], 0, args.max_steps)
+    elif args.stage == "final":
+        for seed in args.seeds:
+            for variant in chosen.values():
+                train_if_chosen(variant, rates.get(variant, rates[MOT]), seed, args.max_steps)
+    elif args.stage == "long":
+        for variant in (chosen["dense"], chosen["mot"]):
+            train_if_chosen(variant, rates.get(variant, rates[MOT]), 0, args.max_steps * args.long_factor)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    runs, seconds = {}, {}
-    for name in args.runs:
-        runs[name], seconds[name] = train(name, args)
-    runs = {name: runs[name] for name in RUNS if name in runs}  # the summary in a fixed order, dense first
-    summary = summarize(runs, seconds, args)
-    vocab_size = json.loads((runs["dense"] / "config.json").read_text())["vocab_size"]
-    for name, size in model_sizes(args.runs, vocab_size, args.block_size).items():
-        summary[name] |= size
+    if args.stage != "summary":
+        run_stage(args)
+    curves = load_curves(args.curves_dir, args.backbone)
     results = {
-        "benchmark": "validation loss at equal FLOPs per token, same data and schedule",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
-        "runs": summary,
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()},
-    }
+        "benchmark": "validation loss at (nearly) equal FLOPs per token, tuned learning rates, several seeds",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "stage", "runs_dir", "curves_dir")},
+        "summary": summarize(curves, args),
+        "runs": {name: {key: record[key] for key in ("variant", "learning_rate", "seed", "max_steps",
+                                                      "parameters", "flops_per_token", "training_seconds")}
+                 | {"final_validation_loss": final_loss(record)} for name, record in curves.items()},
+    }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    plot(summary, out.with_suffix(".png"))
-    for name, result in summary.items():
-        fraction = result["fraction_of_dense_steps"]
-        print(
-            f"[quality] {name:14s} final validation loss {result['final_validation_loss']:.4f} "
-            f"({result['final_loss_ratio_to_dense']:.3f} x dense), dense's final loss reached at "
-            + ("never" if fraction is None else f"{fraction:.2f} of the dense steps")
-        )
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    plot(curves, results["summary"], args, out.with_suffix(".png"))
+    for role, entry in results["summary"]["final"].items():
+        loss = entry["final_validation_loss"]
+        print(f"[quality] {role:6s} {entry['variant']:22s} {loss['mean']:.4f} +- {loss['std']:.4f} (n {loss['n']})")
     return results
 
 

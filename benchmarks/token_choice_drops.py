@@ -38,7 +38,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quality_run", default="runs/quality/token_choice", help="the quality benchmark's run")
+    parser.add_argument("--quality_run", help="the quality benchmark's run (default: its tuned seed-0 run)")
+    parser.add_argument("--learning_rate", type=float, default=2e-3, help="of the model trained here")
     parser.add_argument("--runs_dir", default="runs/token-choice-drops", help="where to train it when it is absent")
     parser.add_argument("--max_steps", type=int, default=200, help="steps of the model trained here")
     parser.add_argument("--batch_size", type=int, default=32)
@@ -50,18 +51,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def token_choice_run(args: argparse.Namespace) -> tuple[Path, str]:
-    """The finished quality run, or one trained here with the quality benchmark's settings; and which it is."""
-    if (Path(args.quality_run) / "model.safetensors").exists():
-        return Path(args.quality_run), f"the quality benchmark's finished run {args.quality_run}"
-    argv = ["--runs", "token_choice", "--runs_dir", args.runs_dir, "--max_steps", str(args.max_steps)]
-    argv += ["--batch_size", str(args.batch_size), "--block_size", str(args.block_size)]
-    argv += ["--eval_steps", str(max(1, args.max_steps // 4)), "--eval_blocks", "64"]
-    if args.quick:
-        argv += ["--quick"]
+    """The quality benchmark's finished seed-0 Token Choice run at its tuned learning rate (`--quality_run`, by
+    default looked up from the committed curves), or one trained here with the quality benchmark's settings; and
+    which it is."""
+    quality_args = quality.parse_args(["--quick"] if args.quick else [])
+    run = args.quality_run
+    if run is None:
+        curves = quality.load_curves(quality_args.curves_dir, "tiny")
+        rate = quality.best_learning_rates(curves, quality_args.tune_steps).get("token_choice")
+        if rate is not None:
+            run = Path(quality_args.runs_dir) / "tiny" / quality.run_id("token_choice", rate, 0, quality_args.max_steps)
+    if run is not None and (Path(run) / "model.safetensors").exists():
+        return Path(run), f"the quality benchmark's finished run {run}"
+    argv = ["--runs_dir", args.runs_dir, "--curves_dir", str(Path(args.runs_dir) / "curves"), "--max_steps"]
+    argv += [str(args.max_steps), "--batch_size", str(args.batch_size), "--block_size", str(args.block_size)]
+    argv += ["--eval_steps", str(max(1, args.max_steps // 4)), "--eval_blocks", "64"] + ["--quick"] * args.quick
     quality_args = quality.parse_args(argv)
-    run, _ = quality.train("token_choice", quality_args)
-    steps = quality_args.max_steps
-    return run, f"no finished quality run found: the same model trained here for {steps} steps ({run})"
+    steps, rate = quality_args.max_steps, args.learning_rate
+    quality.train("token_choice", rate, 0, steps, quality_args)
+    run = Path(args.runs_dir) / "tiny" / quality.run_id("token_choice", rate, 0, steps)
+    return run, f"no finished quality run found: the same model trained here for {steps} steps at lr {rate:g} ({run})"
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from layer_speed import interleaved_times, machine_info, median_ratio
-from quality import RUNS
+from quality import VARIANTS, variant_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixture_of_tokens import MoTGPTForCausalLM  # noqa: E402
@@ -34,7 +34,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="RUN")
+    parser.add_argument("--runs", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="RUN")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--vocab_size", type=int, default=8192)
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "train_speed.json"))
     parser.add_argument("--quick", action="store_true", help="tiny vocabulary and batch, 2 repeats")
-    parser.add_argument("--memory_of", choices=list(RUNS), help=argparse.SUPPRESS)  # the child process's job
+    parser.add_argument("--memory_of", choices=list(VARIANTS), help=argparse.SUPPRESS)  # the child process's job
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.block_size, args.vocab_size, args.repeats, args.warmup = 16, 16, 256, 2, 1
@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(name: str, args: argparse.Namespace, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    preset, overrides = RUNS[name]
-    config = preset_config(preset, vocab_size=args.vocab_size, n_positions=args.block_size, **overrides)
+    spec = variant_config(name, "tiny")
+    config = preset_config(spec["preset"], vocab_size=args.vocab_size, n_positions=args.block_size, **spec["overrides"])
     model = MoTGPTForCausalLM(config).to(device).train()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 

@@ -8,6 +8,8 @@ from transformers.activations import ACT2CLS
 LEARNABLE_TEMPERATURE_MODES = ("none", "layer", "expert")
 FFN_TYPES = ("mot", "uniform_mot", "token_choice", "expert_choice")
 MOT_LAYER_PRESETS = ("all", "second_half")
+EMIT_WEIGHTS = ("group", "experts")
+MLP_INITS = ("gpt2", "experts")
 
 
 def _is_number(value) -> bool:
@@ -55,6 +57,16 @@ class MoTGPTConfig(GPT2Config):
         mot_init_scale (`float`, *optional*, defaults to 0.1):
             MoT weights start from a truncated normal with `std = sqrt(mot_init_scale / fan_in)`, as in the paper.
             Must be `> 0`.
+        mlp_init (`str`, *optional*, defaults to `"gpt2"`):
+            Initialization of the dense MLPs (the blocks outside `mot_layers`): `"gpt2"` keeps GPT-2's (normal with
+            std `initializer_range`, the output projection scaled by `1 / sqrt(2 * n_layer)`); `"experts"` uses the
+            experts' rule above (truncated normal, `std = sqrt(mot_init_scale / fan_in)`, zero biases), so that a
+            dense model and an expert model differ only in the layer type.
+        mot_emit_weights (`str`, *optional*, defaults to `"group"`):
+            MoT only: the weights with which each token receives the experts' outputs. `"group"` reuses the mixing
+            weights (the softmax over the group, as in the paper's results); `"experts"` takes, for each token, the
+            softmax of its controller logits over the experts (the authors' output-normalization variant: a token's
+            received weights sum to 1).
         ffn_type (`str`, *optional*, defaults to `"mot"`):
             The layer used in the blocks of `mot_layers`: `"mot"`; `"uniform_mot"`, MoT with all controller
             logits equal (plain averaging, the paper's ablation); `"token_choice"`, a Token Choice MoE (each token
@@ -124,6 +136,8 @@ class MoTGPTConfig(GPT2Config):
     expert_activation: str = "relu"
     expert_bias: bool = False
     mot_init_scale: float | int = 0.1
+    mlp_init: str = "gpt2"
+    mot_emit_weights: str = "group"
     ffn_type: str = "mot"
     num_experts_per_tok: int = 1
     capacity_factor: float | int | None = 1.0
@@ -257,6 +271,15 @@ class MoTGPTConfig(GPT2Config):
             raise ValueError(f"`router_aux_loss_coef` must be a number >= 0, got {self.router_aux_loss_coef!r}.")
         if not (_is_number(self.mot_init_scale) and self.mot_init_scale > 0):
             raise ValueError(f"`mot_init_scale` must be > 0, got {self.mot_init_scale!r}.")
+        if self.mlp_init not in MLP_INITS:
+            raise ValueError(f"`mlp_init` must be one of {MLP_INITS}, got {self.mlp_init!r}.")
+        if self.mot_emit_weights not in EMIT_WEIGHTS:
+            raise ValueError(f"`mot_emit_weights` must be one of {EMIT_WEIGHTS}, got {self.mot_emit_weights!r}.")
+        if self.mot_emit_weights != "group" and self.ffn_type != "mot":
+            raise ValueError(
+                f"`mot_emit_weights={self.mot_emit_weights!r}` is only for ffn_type='mot', got "
+                f"ffn_type={self.ffn_type!r}: the other layers have no group softmax to replace."
+            )
         if self.add_cross_attention:
             raise ValueError("`add_cross_attention=True` is not supported by MoTGPT; it is a decoder-only model.")
 

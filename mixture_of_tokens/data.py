@@ -178,3 +178,9 @@ def pack(
 def head(blocks: Dataset, n: int | None) -> Dataset:
     """The first `n` blocks (all of them when `n` is None or 0)."""
     return blocks.select(range(min(n, len(blocks)))) if n else blocks
+
+
+def sample_blocks(blocks: Dataset, n: int | None, seed: int = 0) -> Dataset:
+    """`n` blocks (all when `n` is None or 0) in a fixed shuffled order, the same for every run: a subset spread over
+    every held-out document, and batches (so MoT groups) of blocks from different documents, as in training."""
+    return head(blocks.shuffle(seed=seed), n)

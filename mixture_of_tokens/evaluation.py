@@ -106,7 +106,7 @@ def evaluate_on_corpora(
 ) -> dict:
     """Perplexity on the held-out State of the Union speeches (`validation`), the King James Bible (`kjv`, out of
     domain) and optionally `extra_text`, for each grouping; fillers are the first training blocks."""
-    from .data import head, load_kjv, load_sotu, pack
+    from .data import load_kjv, load_sotu, pack, sample_blocks
 
     sotu = load_sotu()
     corpora = {"validation": sotu["validation"], "kjv": load_kjv()}
@@ -115,7 +115,7 @@ def evaluate_on_corpora(
     fillers = pack(sotu["train"], tokenizer, block_size, data_cache_dir) if "fillers" in groupings else None
     results = {"block_size": block_size, "batch_size": batch_size, "router_temperature": router_temperature}
     for name, text in corpora.items():
-        blocks = head(pack(text, tokenizer, block_size, data_cache_dir), max_blocks)
+        blocks = sample_blocks(pack(text, tokenizer, block_size, data_cache_dir), max_blocks)
         results[name] = {
             grouping: evaluate_perplexity(model, blocks, batch_size, grouping, fillers, router_temperature)
             for grouping in groupings

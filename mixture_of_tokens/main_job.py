@@ -170,4 +170,3 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[main] report written to {report}/ in {results['total_seconds']} s")
     for preset in args.presets:
         print(f"[main] {preset}: validation perplexity {results[preset]['validation']['batch']['perplexity']:.2f}")
-

@@ -81,6 +81,23 @@ def mixing_weights(
     return (weights * token_mask).to(router_logits.dtype)
 
 
+def expert_softmax_weights(
+    router_logits: torch.Tensor, token_mask: torch.Tensor | None, temperature: float | torch.Tensor
+) -> torch.Tensor:
+    """Each token's softmax of its controller logits over the experts: the emit weights of the authors'
+    output-normalization variant (`mot_emit_weights="experts"`), in place of the mixing weights.
+
+    Shapes as in [`mixing_weights`]; a token's weights sum to 1 over the experts (0 for masked tokens), and T = 0
+    gives each token only its best expert.
+    """
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        weights = torch.zeros_like(router_logits).scatter_(-1, router_logits.argmax(dim=-1, keepdim=True), 1.0)
+    else:
+        dtype = torch.promote_types(router_logits.dtype, torch.float32)
+        weights = torch.softmax(router_logits.to(dtype) / temperature, dim=-1).to(router_logits.dtype)
+    return weights if token_mask is None else weights * token_mask
+
+
 def check_token_mask(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor | None:
     """The `(batch_size, seq_len)` bool mask of real tokens (None stays None: all real), after checking its shape."""
     if attention_mask is None:
@@ -193,6 +210,7 @@ class MoTLayer(ExpertLayer):
     def __init__(self, config: MoTGPTConfig):
         super().__init__(config, with_controller=config.ffn_type != "uniform_mot")
         n_experts = config.n_experts
+        self.emit_weights = config.mot_emit_weights
         self.temperature = float(config.router_temperature)
         if config.learnable_temperature != "none":
             n_temperatures = 1 if config.learnable_temperature == "layer" else n_experts
@@ -232,13 +250,21 @@ class MoTLayer(ExpertLayer):
             router_logits = x.new_zeros(*x.shape[:-1], n_experts)
         else:
             router_logits = x @ self.controller
-        weights = mixing_weights(router_logits, token_mask, self._temperature(router_temperature))
+        temperature = self._temperature(router_temperature)
+
         # Mixing and redistribution are bmm's batched over (group, position). The weights and tokens are copied once
         # into that layout; every other operand is a strided view that bmm reads without a copy.
-        weights = weights.transpose(1, 2).reshape(n_groups * seq_len, group_size, n_experts)
-        x = x.transpose(1, 2).reshape(n_groups * seq_len, group_size, d)
+        def per_position(t: torch.Tensor) -> torch.Tensor:  # (n_groups, G, seq_len, c) -> (n_groups * seq_len, G, c)
+            return t.transpose(1, 2).reshape(n_groups * seq_len, group_size, -1)
+
+        weights = per_position(mixing_weights(router_logits, token_mask, temperature))
+        if self.emit_weights == "group":
+            emit = weights
+        else:
+            emit = per_position(expert_softmax_weights(router_logits, token_mask, temperature))
+        x = per_position(x)
         mixed = torch.bmm(weights.transpose(1, 2), x).transpose(0, 1)  # (n_experts, n_groups * seq_len, d)
-        update = torch.bmm(weights, self.experts(mixed).transpose(0, 1))  # (n_groups * seq_len, group_size, d)
+        update = torch.bmm(emit, self.experts(mixed).transpose(0, 1))  # (n_groups * seq_len, group_size, d)
 
         update = update.view(n_groups, seq_len, group_size, d).transpose(1, 2).reshape(n_slots, seq_len, d)
         router_logits = router_logits.view(n_slots, seq_len, n_experts)
@@ -432,6 +458,8 @@ class MoTGPTBlock(GradientCheckpointingLayer):
         for projection in (self.attn.c_proj, None if self.is_mot else self.mlp.c_proj):
             if projection is not None:
                 projection.writes_residual = True
+        if not self.is_mot and config.mlp_init == "experts":
+            self.mlp.c_fc.init_like_experts = self.mlp.c_proj.init_like_experts = True
 
     def forward(
         self,
@@ -482,7 +510,12 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         config = self.config
-        if isinstance(module, Conv1D):
+        if isinstance(module, Conv1D) and getattr(module, "init_like_experts", False):
+            # `mlp_init="experts"`: the dense MLP starts as the experts do (below), so only the layer type differs.
+            std = math.sqrt(config.mot_init_scale / module.weight.shape[0])  # Conv1D weights are (fan_in, fan_out)
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            init.zeros_(module.bias)
+        elif isinstance(module, Conv1D):
             std = config.initializer_range
             if getattr(module, "writes_residual", False):
                 # GPT-2's scaled init of the projections that write to the residual stream (two per block). It is

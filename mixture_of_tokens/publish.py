@@ -94,4 +94,3 @@ def main(argv: list[str] | None = None) -> None:
             api.create_repo(args.repo_id, private=args.private, exist_ok=True)
             api.upload_folder(folder_path=str(folder), repo_id=args.repo_id, commit_message="Upload MoTGPT")
         print(f"uploaded to https://huggingface.co/{args.repo_id}")
-

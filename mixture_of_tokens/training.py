@@ -36,12 +36,13 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from .configuration_mot import MoTGPTConfig
-from .data import head, load_sotu, load_text, make_tokenizer, pack
+from .data import load_sotu, load_text, make_tokenizer, pack, sample_blocks
 from .fillers import build_filler_bank, save_filler_bank
 from .modeling_mot import MoTGPTForCausalLM, MoTLayer
 
 # Model presets: each MoT preset has a dense twin ("dense-*": the same network with no MoT block), so the two spend
 # the same FLOPs per token (up to MoT's controller and mixing, about 3 * n_experts * n_embd multiply-adds per token).
+# Every dense MLP uses the experts' activation (ReLU, as in the paper), so a twin differs only in the layer type.
 _BACKBONES = {
     # A CPU-sized model for the main job and quick experiments.
     "tiny": dict(n_layer=4, n_embd=128, n_head=4, n_experts=32, group_size=16),
@@ -51,8 +52,8 @@ _BACKBONES = {
     "medium": dict(n_layer=8, n_embd=512, n_head=8, n_experts=32, group_size=32, mot_layers="second_half"),
     "base": dict(n_layer=12, n_embd=768, n_head=12, n_experts=32, group_size=32, mot_layers="second_half"),
 }
-PRESETS = {f"mot-{name}": fields for name, fields in _BACKBONES.items()} | {
-    f"dense-{name}": fields | {"mot_layers": []} for name, fields in _BACKBONES.items()
+PRESETS = {f"mot-{name}": fields | {"activation_function": "relu"} for name, fields in _BACKBONES.items()} | {
+    f"dense-{name}": fields | {"activation_function": "relu", "mot_layers": []} for name, fields in _BACKBONES.items()
 }
 
 
@@ -86,7 +87,8 @@ class ScriptArguments:
     vocab_size: int = field(default=8192, metadata={"help": "vocabulary size of the trained BPE"})
     block_size: int = field(default=128, metadata={"help": "tokens per training sequence"})
     max_eval_blocks: int | None = field(
-        default=256, metadata={"help": "evaluate during training on the first N validation blocks (None: all)"}
+        default=256,
+        metadata={"help": "evaluate during training on N validation blocks in a fixed shuffled order (0: all)"},
     )
     data_cache_dir: str = field(default=".cache/mot-data", metadata={"help": "where packed blocks are cached"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
@@ -136,34 +138,23 @@ class MoTTrainingArguments(TrainingArguments):
             self.fsdp_plugin_args["state_dict_type"] = "SHARDED_STATE_DICT"
 
 
-def _file_arguments(path: str) -> list[str]:
-    """Turn a YAML/JSON file of arguments into command-line tokens (placed first, so the command line wins)."""
-    if not Path(path).is_file():
-        raise ValueError(f"`config_file` {path!r} does not exist.")
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"`config_file` {path!r} must hold a mapping of argument names to values.")
-    tokens = []
-    for key, value in values.items():
-        if key == "model" and isinstance(value, dict):
-            value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
-        tokens.append(f"--{key}")
-        if isinstance(value, list):
-            tokens.extend(str(v) for v in value)
-        elif isinstance(value, dict):
-            tokens.append(json.dumps(value))
-        else:
-            tokens.append(str(value))
-    return tokens
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, MoTTrainingArguments]:
-    """Parse `--key value` arguments; `--config_file F` adds the arguments in a YAML/JSON file under them."""
+    """Parse `--key value` arguments; `--config_file F` reads the same arguments from a YAML/JSON file (JSON is
+    YAML), and the command line wins."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ScriptArguments, MoTTrainingArguments))
     if "--config_file" in argv:
         index = argv.index("--config_file")
-        argv = _file_arguments(argv[index + 1]) + argv[:index] + argv[index + 2 :]
-    parser = HfArgumentParser((ScriptArguments, MoTTrainingArguments))
+        path, argv = argv[index + 1], argv[:index] + argv[index + 2 :]
+        if not Path(path).is_file():
+            raise ValueError(f"`config_file` {path!r} does not exist.")
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"`config_file` {path!r} must hold a mapping of argument names to values.")
+        if isinstance(values.get("model"), dict):  # `model:` may also be written as a mapping of config fields
+            values["model"] = [f"{key}={json.dumps(value)}" for key, value in values["model"].items()]
+        parser.parse_dict(values)  # HfArgumentParser's own check: a ValueError names any unknown argument
+        parser.set_defaults(**values)  # the file's values become the defaults, which the command line overrides
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -448,7 +439,7 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
     callbacks = [JsonlMetricsCallback()]
     if script.anneal_temperature:
         callbacks.append(TemperatureAnnealingCallback(model.config.router_temperature, script.anneal_fraction))
-    validation_blocks = head(validation_blocks, script.max_eval_blocks)
+    validation_blocks = sample_blocks(validation_blocks, script.max_eval_blocks)
     trainer = MoTTrainer(
         model=model,
         args=args,

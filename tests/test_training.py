@@ -104,6 +104,17 @@ def test_config_file_sets_arguments_and_the_command_line_wins(tmp_path):
     assert (args.max_grad_norm, args.weight_decay, args.lr_scheduler_type.value) == (0.5, 0.1, "cosine_with_min_lr")
 
 
+def test_config_file_with_an_unknown_argument_is_refused_naming_it(tmp_path):
+    (tmp_path / "run.json").write_text('{"max_steps": 7, "learning_rat": 0.001}')
+    with pytest.raises(ValueError, match="learning_rat"):
+        parse_args(["--config_file", str(tmp_path / "run.json")])
+
+
+def test_presets_use_the_experts_activation_in_dense_mlps():
+    for preset in ("dense-tiny", "mot-medium"):
+        assert preset_config(preset).activation_function == preset_config(preset).expert_activation == "relu"
+
+
 def test_finetune_script_tunes_a_non_mot_checkpoint_on_a_text_file(corpus, tmp_path):
     from mixture_of_tokens.data import train_bpe_tokenizer
 
