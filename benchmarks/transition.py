@@ -183,6 +183,11 @@ def router_balance(model, ids: torch.Tensor, batch_size: int) -> list[dict]:
     return balance
 
 
+def balance_target_met(balances: list[list[dict]]) -> bool:
+    """Every layer of every measured router: busiest expert at most 2x the uniform share, no expert idle."""
+    return all(entry["busiest_over_uniform"] <= 2 and entry["idle_experts"] == 0 for run in balances for entry in run)
+
+
 def prompts(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The first quarter of each block of `ids` as a prompt, and the number of tokens to generate after it."""
     prompt_len = ids.shape[1] // 4
@@ -357,6 +362,20 @@ def tuning_arguments(args: argparse.Namespace, mot_run: Path, tuning_steps: int)
     return argv + ["--save_total_limit", str(tuning_steps)] + data_arguments(args)
 
 
+def serving_domain_files(validation, tokenizer, skip_tokens: int, folder: Path) -> list[str]:
+    """The held-out speeches that start after the first `skip_tokens` tokens of the packed validation text (the
+    blocks scored for loss and balance), one per file in `folder`: calibration text of the domain the model is
+    measured on, disjoint from what is measured."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files, start = [], 0
+    for index, text in enumerate(validation["text"]):
+        if start >= skip_tokens:
+            files.append(folder / f"speech-{index:02d}.txt")
+            files[-1].write_text(text)
+        start += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # pack ends each document with EOS
+    return [str(path) for path in files]
+
+
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every checkpoint of `run`, in step order."""
     found = [(int(folder.name.split("-")[-1]), folder) for folder in run.glob("checkpoint-*")]
@@ -409,6 +428,27 @@ def main(argv: list[str] | None = None) -> None:
         "tuned_batch": validation_loss(tuned, alone, args.batch_size),
     }
     balanced = [balance_curve[0][1], router_balance(load(tuned), ids, args.batch_size)]
+    # The same tuning, its router calibrated on held-out speeches that are not measured (`--calibration_corpus`).
+    domain = None
+    domain_files = serving_domain_files(validation, tokenizer, len(blocks) * args.block_size, runs / "domain-text")
+    if domain_files:
+        transition = TransitionArguments(calibration_corpus=domain_files)
+        domain_run = train(
+            runs / "token-choice-domain",
+            tuning_arguments(args, mot_run, tuning_steps),
+            run=lambda script, training: run_transition_tuning(script, training, transition),
+        )
+        domain_balance = [router_balance(load(domain_run / name), ids, args.batch_size) for name in ("converted", "")]
+        domain = {
+            "calibration_speeches": len(domain_files),
+            "validation_loss": {
+                "after_switch": validation_loss(domain_run / "converted", blocks, args.batch_size),
+                "tuned": validation_loss(domain_run, blocks, args.batch_size),
+            },
+            "balance_converted": domain_balance[0],
+            "balance_tuned": domain_balance[1],
+            "balance_target_met": balance_target_met(domain_balance),
+        }
     print("[transition] measuring compute and speed")
     speed_ids = ids[: args.batch_size]
     models = {"dense": dense_twin(load(mot_run)), "mot": load(mot_run), "token_choice": load(tuned)}
@@ -430,9 +470,8 @@ def main(argv: list[str] | None = None) -> None:
         "balance_uncalibrated": router_balance(uncalibrated, ids, args.batch_size),
         "balance_curve": balance_curve,
         "balance_tuned": balanced[1],
-        "balance_target_met": all(
-            entry["busiest_over_uniform"] <= 2 and entry["idle_experts"] == 0 for layers in balanced for entry in layers
-        ),
+        "balance_target_met": balance_target_met(balanced),
+        "domain_calibrated": domain,
         "expert_rows_per_assignment": expert_rows_per_assignment(load(tuned), speed_ids),
         "speed": speed(models, speed_ids, args),
         "first_64_blocks_alone_vs_batched": loss_alone,

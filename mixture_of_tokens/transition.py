@@ -36,7 +36,8 @@ temperature):
   experts does not ignore that scale: converted as is, a few experts take most first choices and others none. With
   `calibration_ids` (blocks of training text) the converted layers get a router bias (`router_bias=True`), set block
   by block from the router logits of those tokens so that every expert is the first choice of an equal share of them
-  ([`balancing_bias`]). `mot-transition-tune` draws `--calibration_blocks` (64) blocks from its training corpus.
+  ([`balancing_bias`]). `mot-transition-tune` draws `--calibration_blocks` (64) blocks from its training corpus, or
+  from `--calibration_corpus`: text like what the model will serve, since another domain is routed differently.
 - **The load-balancing loss during tuning, for every k, and not after.** At k = 1 (a constant gate) or from a
   uniform-MoT source (an untrained router) it is the router's only teacher. [`run_transition_tuning`] trains with
   `output_router_logits=True`, so the `Trainer`'s training and evaluation losses include `router_aux_loss_coef`
@@ -90,6 +91,13 @@ class TransitionArguments:
         metadata={
             "help": "training blocks, drawn at random, whose router logits set the router bias that balances the "
             "experts at the start (and at the end, with recalibrate); 0: no router bias"
+        },
+    )
+    calibration_corpus: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "text to draw the calibration blocks from, sources as for --corpus; default: the training corpus. "
+            "Text like what the model will serve balances it there: another domain is routed differently"
         },
     )
     recalibrate: bool = field(
@@ -332,7 +340,7 @@ def finish_tuned_model(script: "ScriptArguments", output_dir: Path, transition: 
     model = AutoModelForCausalLM.from_pretrained(output_dir, output_router_logits=False)
     if transition.recalibrate and transition.calibration_blocks and model.config.router_bias:
         tokenizer = AutoTokenizer.from_pretrained(output_dir)
-        calibrate_router_bias(model, training_blocks(script, tokenizer, transition.calibration_blocks, seed))
+        calibrate_router_bias(model, calibration_ids(script, transition, tokenizer, seed))
     model.save_pretrained(output_dir)
 
 
@@ -340,29 +348,31 @@ def convert_and_save(
     script: "ScriptArguments", converted_dir: Path, transition: TransitionArguments, seed: int
 ) -> None:
     """Load the MoT checkpoint `script.model_name_or_path`, convert it (calibrated on `transition.calibration_blocks`
-    training blocks, drawn with `seed`), and save it with its tokenizer in `converted_dir`."""
+    blocks, drawn with `seed`: see [`calibration_ids`]), and save it with its tokenizer in `converted_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)
-    calibration_ids = None
-    if transition.calibration_blocks:
-        calibration_ids = training_blocks(script, tokenizer, transition.calibration_blocks, seed)
+    calibration = calibration_ids(script, transition, tokenizer, seed) if transition.calibration_blocks else None
     set_seed(seed)  # a uniform-MoT source's fresh router is then the same in every run with this seed
     converted = mot_to_token_choice(
-        model, transition.num_experts_per_tok, transition.capacity_factor, calibration_ids=calibration_ids
+        model, transition.num_experts_per_tok, transition.capacity_factor, calibration_ids=calibration
     )
     converted.save_pretrained(converted_dir)
     tokenizer.save_pretrained(converted_dir)
 
 
-def training_blocks(script: "ScriptArguments", tokenizer, n_blocks: int, seed: int) -> torch.LongTensor:
-    """`(n_blocks, block_size)` ids of training blocks drawn at random (with `seed`) from `script.corpus`, packed as
-    the tuning run packs them (and cached for it in `script.data_cache_dir`)."""
+def calibration_ids(
+    script: "ScriptArguments", transition: TransitionArguments, tokenizer, seed: int
+) -> torch.LongTensor:
+    """`(calibration_blocks, block_size)` ids of blocks drawn at random (with `seed`) from
+    `transition.calibration_corpus`, or from the training corpus `script.corpus` when none is given, packed as the
+    tuning run packs them (and cached in `script.data_cache_dir`)."""
     from .data import load_text, pack
 
-    blocks = pack(load_text(script.corpus), tokenizer, script.block_size, script.data_cache_dir)
-    picked = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:n_blocks]
+    corpus = transition.calibration_corpus or script.corpus
+    blocks = pack(load_text(corpus), tokenizer, script.block_size, script.data_cache_dir)
+    picked = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[: transition.calibration_blocks]
     return torch.tensor(blocks.select(picked.tolist())["input_ids"])
 
 
@@ -392,7 +402,8 @@ tokenizer, in OUTPUT_DIR/converted, then fine-tuned like `mot-finetune` into OUT
 `--learning_rate 3e-4 --warmup_steps 0.1 --max_steps 100 --output_dir runs/transition-tuned`.
 `--num_experts_per_tok` (default: FLOP-matched d_ff / expert_size) and `--capacity_factor` (default: no limit, which
 keeps the model batch-independent and computes only the routed tokens) set the Token Choice layers. The router starts
-balanced: its bias is calibrated on `--calibration_blocks` (64) blocks of the training corpus. Tuning adds the
+balanced: its bias is calibrated on `--calibration_blocks` (64) blocks of the training corpus (or of
+`--calibration_corpus`, text like what the model will serve), again after tuning. Tuning adds the
 load-balancing loss; the saved model computes none unless asked. The result loads with `AutoModelForCausalLM`, with or
 without this package installed (`trust_remote_code=True` then).
 """

@@ -40,10 +40,10 @@ from mixture_of_tokens.transition import (
     TRANSITION_DEFAULTS,
     TransitionArguments,
     balancing_bias,
+    calibration_ids,
     main,
     mot_to_token_choice,
     run_transition_tuning,
-    training_blocks,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -408,13 +408,23 @@ def trained_mot(corpus, tmp_path_factory) -> Path:
 def test_a_trained_model_converts_to_a_balanced_router_on_held_out_text(corpus, trained_mot):
     mot, tokenizer = AutoModelForCausalLM.from_pretrained(trained_mot), AutoTokenizer.from_pretrained(trained_mot)
     script = ScriptArguments(corpus=[corpus["train"]], block_size=16, data_cache_dir=corpus["cache"])
-    calibration = training_blocks(script, tokenizer, 64, seed=0)
+    calibration = calibration_ids(script, TransitionArguments(calibration_blocks=64), tokenizer, seed=0)
     held_out = torch.tensor(head(pack(load_text([corpus["valid"]]), tokenizer, 16), 64)["input_ids"])  # 1,024 tokens
     # Without the router bias a few experts take most first choices and some none.
     raw = first_choice_loads(mot_to_token_choice(mot), held_out)
     assert max(float(load.max()) for load in raw) > 4 and any(bool((load == 0).any()) for load in raw)
     for load in first_choice_loads(mot_to_token_choice(mot, calibration_ids=calibration), held_out):
         assert load.max() <= 2 and load.min() > 0  # the busiest at most twice the uniform share; no expert idle
+
+
+def test_calibration_blocks_come_from_the_calibration_corpus_when_given(corpus, trained_mot):
+    tokenizer = AutoTokenizer.from_pretrained(trained_mot)
+    script = ScriptArguments(corpus=[corpus["train"]], block_size=16, data_cache_dir=corpus["cache"])
+    held_out = {tuple(ids) for ids in pack(load_text([corpus["valid"]]), tokenizer, 16)["input_ids"]}
+    own = TransitionArguments(calibration_blocks=8, calibration_corpus=[corpus["valid"]])
+    assert {tuple(ids) for ids in calibration_ids(script, own, tokenizer, seed=0).tolist()} <= held_out
+    default = calibration_ids(script, TransitionArguments(calibration_blocks=8), tokenizer, seed=0)
+    assert not {tuple(ids) for ids in default.tolist()} & held_out  # the training corpus
 
 
 def test_resumed_annealed_run_continues_the_schedule(corpus, annealed_run, tmp_path):
