@@ -52,17 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def token_choice_run(args: argparse.Namespace) -> tuple[Path, str]:
     """The quality benchmark's finished seed-0 Token Choice run at its tuned learning rate (`--quality_run`, by
-    default looked up from the committed curves), or one trained here with the quality benchmark's settings; and
-    which it is."""
+    default looked up from the committed curves: the final run, else the tuning run), or one trained here with the
+    quality benchmark's settings; and which it is."""
     quality_args = quality.parse_args(["--quick"] if args.quick else [])
-    run = args.quality_run
-    if run is None:
-        curves = quality.load_curves(quality_args.curves_dir, "tiny")
-        rate = quality.best_learning_rates(curves, quality_args.tune_steps).get("token_choice")
-        if rate is not None:
-            run = Path(quality_args.runs_dir) / "tiny" / quality.run_id("token_choice", rate, 0, quality_args.max_steps)
-    if run is not None and (Path(run) / "model.safetensors").exists():
-        return Path(run), f"the quality benchmark's finished run {run}"
+    runs = [args.quality_run] if args.quality_run else []
+    curves = quality.load_curves(quality_args.curves_dir, "tiny")
+    rate = quality.best_learning_rates(curves, quality_args.tune_steps).get("token_choice")
+    if rate is not None and not runs:  # the final run at the tuned rate, else that rate's tuning run
+        runs = [Path(quality_args.runs_dir) / "tiny" / quality.run_id("token_choice", rate, 0, steps)
+                for steps in (quality_args.max_steps, quality_args.tune_steps)]  # fmt: skip
+    for run in runs:
+        if (Path(run) / "model.safetensors").exists():
+            return Path(run), f"the quality benchmark's finished run {run}"
     argv = ["--runs_dir", args.runs_dir, "--curves_dir", str(Path(args.runs_dir) / "curves"), "--max_steps"]
     argv += [str(args.max_steps), "--batch_size", str(args.batch_size), "--block_size", str(args.block_size)]
     argv += ["--eval_steps", str(max(1, args.max_steps // 4)), "--eval_blocks", "64"] + ["--quick"] * args.quick
