@@ -131,7 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text", nargs="+", help="also evaluate on these .txt files or dataset folder")
     parser.add_argument("--block_size", type=int, help="tokens per block (default: the model's n_positions)")
     parser.add_argument("--batch_size", type=int, help="rows per forward pass (default: the model's group_size)")
-    parser.add_argument("--max_blocks", type=int, default=512, help="blocks per corpus (default 512; 0 = all)")
+    parser.add_argument(
+        "--max_blocks",
+        type=int,
+        default=512,
+        help="blocks per corpus, in a fixed shuffled order (default 512; 0 = all)",
+    )
     parser.add_argument("--grouping", nargs="+", default=["batch"], choices=GROUPINGS)
     parser.add_argument("--router_temperature", type=float, help="MoT temperature for this evaluation")
     parser.add_argument("--data_cache_dir", default=".cache/mot-data")
