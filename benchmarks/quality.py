@@ -106,10 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def variant_config(variant: str, backbone: str, **fields) -> dict:
+def variant_config(variant: str, backbone: str) -> dict:
     """The (preset, config overrides) of a variant on a backbone, with "k" resolved to n_experts = k * G."""
     family, overrides = VARIANTS[variant]
-    overrides = {"mlp_init": "experts"} | dict(overrides) | fields
+    overrides = {"mlp_init": "experts"} | overrides
     if "k" in overrides:
         overrides["n_experts"] = overrides.pop("k") * preset_config(f"mot-{backbone}").group_size
     return {"preset": f"{family}-{backbone}", "overrides": overrides}
