@@ -290,13 +290,15 @@ def mean_and_spread(values: list[float]) -> dict:
 
 def compare(losses: dict, dense: dict) -> dict:
     """A model's mean loss minus dense's, its standard error over the seeds (Welch), whether the gap exceeds twice
-    that, and whether the two ranges over seeds overlap."""
+    that, and whether the two ranges over seeds overlap. The error is None until both have two seeds or more."""
     gap = losses["mean"] - dense["mean"]
-    error = (losses["std"] ** 2 / losses["n"] + dense["std"] ** 2 / dense["n"]) ** 0.5
+    error = None
+    if min(losses["n"], dense["n"]) > 1:
+        error = (losses["std"] ** 2 / losses["n"] + dense["std"] ** 2 / dense["n"]) ** 0.5
     return {
         "gap_to_dense": gap,
         "gap_standard_error": error,
-        "gap_exceeds_two_standard_errors": abs(gap) > 2 * error if error else None,  # None: one seed, no spread
+        "gap_exceeds_two_standard_errors": None if error is None else abs(gap) > 2 * error,
         "ranges_overlap": losses["min"] <= dense["max"] and dense["min"] <= losses["max"],
     }
 
