@@ -164,7 +164,7 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
     tick = time.time()
     train_or_reuse(script, training_args)
     seconds = time.time() - tick
-    model = _model(spec, json.loads((output_dir / "config.json").read_text())["vocab_size"], args.block_size)
+    model = variant_model(spec, json.loads((output_dir / "config.json").read_text())["vocab_size"], args.block_size)
     total, active = parameter_counts(model)
     record = {
         "run": name,
@@ -194,7 +194,8 @@ def run_settings(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in keys}
 
 
-def _model(spec: dict, vocab_size: int, block_size: int):
+def variant_model(spec: dict, vocab_size: int, block_size: int):
+    """A fresh model of a `variant_config` spec, sized to the vocabulary and block."""
     from mixture_of_tokens import MoTGPTForCausalLM
 
     return MoTGPTForCausalLM(
@@ -212,11 +213,16 @@ def final_loss(record: dict) -> float:
     return record["validation_curve"][-1][1]
 
 
+def tuning_runs(curves: dict[str, dict], variant: str, steps: int) -> list[dict]:
+    """The tuning runs of a variant: seed 0, `steps` steps, one per learning rate tried."""
+    return [r for r in curves.values() if r["variant"] == variant and r["max_steps"] == steps and r["seed"] == 0]
+
+
 def best_learning_rates(curves: dict[str, dict], steps: int) -> dict[str, float]:
-    """Each tuned variant's learning rate with the lowest final loss among its seed-0 runs of `steps` steps."""
+    """Each tuned variant's learning rate with the lowest final loss among its tuning runs of `steps` steps."""
     best = {}
     for variant in TUNED:
-        runs = [r for r in curves.values() if r["variant"] == variant and r["max_steps"] == steps and r["seed"] == 0]
+        runs = tuning_runs(curves, variant, steps)
         if runs:
             best[variant] = min(runs, key=final_loss)["learning_rate"]
     return best
@@ -308,10 +314,9 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
     which differences exceed the spread), regime ablations and the gap against tokens of the long runs."""
     rates = learning_rates(curves, args.tune_steps)
     tuning = {
-        variant: {f"{r['learning_rate']:g}": final_loss(r) for r in curves.values()
-                  if r["variant"] == variant and r["max_steps"] == args.tune_steps and r["seed"] == 0}
+        variant: {f"{r['learning_rate']:g}": final_loss(r) for r in tuning_runs(curves, variant, args.tune_steps)}
         for variant in TUNED
-    }  # fmt: skip
+    }
     chosen = chosen_models(curves, args)
     final = {}
     for role, variant in chosen.items():

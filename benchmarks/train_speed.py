@@ -23,11 +23,7 @@ from pathlib import Path
 
 import torch
 from layer_speed import interleaved_times, machine_info, median_ratio
-from quality import VARIANTS, variant_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mixture_of_tokens import MoTGPTForCausalLM  # noqa: E402
-from mixture_of_tokens.training import preset_config  # noqa: E402
+from quality import VARIANTS, variant_config, variant_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,9 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(name: str, args: argparse.Namespace, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    spec = variant_config(name, "tiny")
-    config = preset_config(spec["preset"], vocab_size=args.vocab_size, n_positions=args.block_size, **spec["overrides"])
-    model = MoTGPTForCausalLM(config).to(device).train()
+    model = variant_model(variant_config(name, "tiny"), args.vocab_size, args.block_size).to(device).train()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
 
