@@ -144,8 +144,9 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
         block_size=args.block_size,
         max_eval_blocks=args.eval_blocks,
     )
-    # Tuning runs are scored once, at the end; longer runs every eval_steps, scaled to keep ~5 evaluations.
-    eval_steps = steps if steps < args.max_steps else args.eval_steps * (steps // args.max_steps)
+    # Tuning runs are scored once, at the end; the others every eval_steps (the long runs too: their gap against
+    # tokens needs the points, and each evaluation is also a checkpoint to resume from).
+    eval_steps = steps if steps < args.max_steps else args.eval_steps
     training_args = MoTTrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
