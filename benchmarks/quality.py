@@ -295,24 +295,24 @@ def mean_and_spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": spread, "min": min(values), "max": max(values), "n": len(values)}
 
 
-def compare(losses: dict, dense: dict) -> dict:
-    """A model's mean loss minus dense's, its standard error over the seeds (Welch), whether the gap exceeds twice
-    that, and whether the two ranges over seeds overlap. The error is None until both have two seeds or more."""
-    gap = losses["mean"] - dense["mean"]
+def compare(losses: dict, reference: dict) -> dict:
+    """A model's mean loss minus a reference model's, its standard error over the seeds (Welch), whether the gap
+    exceeds twice that, and whether the two ranges over seeds overlap. The error is None until both have two seeds."""
+    gap = losses["mean"] - reference["mean"]
     error = None
-    if min(losses["n"], dense["n"]) > 1:
-        error = (losses["std"] ** 2 / losses["n"] + dense["std"] ** 2 / dense["n"]) ** 0.5
+    if min(losses["n"], reference["n"]) > 1:
+        error = (losses["std"] ** 2 / losses["n"] + reference["std"] ** 2 / reference["n"]) ** 0.5
     return {
-        "gap_to_dense": gap,
+        "gap": gap,
         "gap_standard_error": error,
         "gap_exceeds_two_standard_errors": None if error is None else abs(gap) > 2 * error,
-        "ranges_overlap": losses["min"] <= dense["max"] and dense["min"] <= losses["max"],
+        "ranges_overlap": losses["min"] <= reference["max"] and reference["min"] <= losses["max"],
     }
 
 
 def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
-    """The summary table, from the curve files alone: tuning grid, final comparison (mean and spread over seeds,
-    which differences exceed the spread), regime ablations and the gap against tokens of the long runs."""
+    """The summary table, from the curve files alone: tuning grid, final comparison (mean and spread over seeds, the
+    gap between each pair and whether it exceeds the spread), regime ablations and the long runs' gap against tokens."""
     rates = learning_rates(curves, args.tune_steps)
     tuning = {
         variant: {f"{r['learning_rate']:g}": final_loss(r) for r in tuning_runs(curves, variant, args.tune_steps)}
@@ -333,11 +333,16 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
         record = curves[run_id(entry["variant"], entry["learning_rate"], entry["seeds"][0], args.max_steps)]
         entry["flops_ratio_to_dense"] = record["flops_per_token"] / dense_flops if dense_flops else None
         if role != "dense" and "dense" in final:
-            entry |= compare(entry["final_validation_loss"], final["dense"]["final_validation_loss"])
             # Steps, on the seed-mean curves: this model's to reach dense's final loss, and dense's to reach this one's.
             dense_curve = final["dense"]["mean_curve"]
             entry["steps_to_dense_final_loss"] = steps_to_reach(entry["mean_curve"], dense_curve[-1][1])
             entry["dense_steps_to_this_final_loss"] = steps_to_reach(dense_curve, entry["mean_curve"][-1][1])
+    # Every pair of the final models, e.g. "mot - dense": the gap of the seed means and whether it exceeds the spread.
+    losses, roles = {role: entry["final_validation_loss"] for role, entry in final.items()}, list(final)
+    differences = {
+        f"{role} - {reference}": compare(losses[role], losses[reference])
+        for index, reference in enumerate(roles) for role in roles[index + 1 :]
+    }  # fmt: skip
     regime = {}
     for variant in REGIME:
         rate = rates.get(variant)
@@ -361,7 +366,7 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             for step, loss in long["mot"]["validation_curve"] if step in dense_curve
         ]  # fmt: skip
     return {"tuned_learning_rates": best_learning_rates(curves, args.tune_steps), "learning_rates": rates,
-            "tuning_final_loss": tuning, "chosen": chosen, "final": final,
+            "tuning_final_loss": tuning, "chosen": chosen, "final": final, "differences": differences,
             "regime": regime, "long": long}  # fmt: skip
 
 

@@ -80,9 +80,11 @@ def test_quality_benchmark_tunes_then_compares_seeds_and_rebuilds_from_curves(qu
     losses = [results["runs"][f"mot_k16-lr{rates['mot_k16']:g}-s{seed}-4"]["final_validation_loss"] for seed in (0, 1)]
     assert final["mot"]["final_validation_loss"]["mean"] == pytest.approx(sum(losses) / 2)
     assert final["mot"]["final_validation_loss"]["std"] > 0  # two seeds, two different runs
-    assert final["mot"]["gap_to_dense"] == pytest.approx(
+    gap = summary["differences"]["mot - dense"]
+    assert gap["gap"] == pytest.approx(
         final["mot"]["final_validation_loss"]["mean"] - final["dense"]["final_validation_loss"]["mean"]
     )
+    assert isinstance(gap["gap_exceeds_two_standard_errors"], bool) and gap["gap_standard_error"] > 0
     assert (tmp_path / "q.png").stat().st_size > 0
     record = json.loads((tmp_path / "curves" / "tiny" / f"{curves[0]}.json").read_text())
     assert [step for step, _ in record["validation_curve"]] == [2]  # a tuning run is scored at its end
