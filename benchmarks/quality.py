@@ -365,6 +365,9 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             [step * tokens_per_step, loss - dense_curve[step]]
             for step, loss in long["mot"]["validation_curve"] if step in dense_curve
         ]  # fmt: skip
+        long["dense_steps_to_mot_final_loss"] = steps_to_reach(
+            long["dense"]["validation_curve"], long["mot"]["validation_curve"][-1][1]
+        )
     return {"tuned_learning_rates": best_learning_rates(curves, args.tune_steps), "learning_rates": rates,
             "tuning_final_loss": tuning, "chosen": chosen, "final": final, "differences": differences,
             "regime": regime, "long": long}  # fmt: skip

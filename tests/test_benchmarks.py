@@ -86,6 +86,13 @@ def test_quality_benchmark_tunes_then_compares_seeds_and_rebuilds_from_curves(qu
     )
     assert isinstance(gap["gap_exceeds_two_standard_errors"], bool) and gap["gap_standard_error"] > 0
     assert (tmp_path / "q.png").stat().st_size > 0
+    # The long stage: dense and MoT for long_factor x max_steps, scored every eval_steps.
+    quick_benchmark += ["--long_factor", "2"]
+    summary = quality.main(quick_benchmark + ["--stage", "long"])["summary"]
+    assert [step for step, _ in summary["long"]["mot"]["validation_curve"]] == [2, 4, 6, 8]
+    assert [tokens for tokens, _ in summary["long"]["gap_against_tokens"]] == [step * 16 * 16 for step in (2, 4, 6, 8)]
+    reached = summary["long"]["dense_steps_to_mot_final_loss"]
+    assert reached is None or 0 < reached <= 8
     record = json.loads((tmp_path / "curves" / "tiny" / f"{curves[0]}.json").read_text())
     assert [step for step, _ in record["validation_curve"]] == [2]  # a tuning run is scored at its end
     # The curve files alone rebuild the same summary: no run folder, nothing trained.
