@@ -178,6 +178,7 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
         "tokens_per_step": args.batch_size * args.block_size,
         "settings": settings,
         "validation_curve": validation_curve(output_dir),
+        "learned_temperatures": learned_temperatures(output_dir),
         "parameters": total,
         "active_parameters_per_token": active,
         "flops_per_token": flops_per_token(model),
@@ -187,6 +188,17 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
     curve_file.parent.mkdir(parents=True, exist_ok=True)
     curve_file.write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def learned_temperatures(output_dir: Path) -> list[list[float]] | None:
+    """The router temperatures a run learned, one list per MoT layer in layer order (None with fixed ones)."""
+    from safetensors import safe_open
+
+    with safe_open(str(output_dir / "model.safetensors"), "pt") as weights:
+        names = [name for name in weights.keys() if name.endswith("log_temperature")]
+        # Layer order, not string order (h.10 after h.9).
+        names.sort(key=lambda name: [int(part) if part.isdigit() else part for part in name.split(".")])
+        return [weights.get_tensor(name).exp().tolist() for name in names] or None
 
 
 def run_settings(args: argparse.Namespace) -> dict:
@@ -350,7 +362,8 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
         if record:
             regime[variant] = {"learning_rate": rate, "final_validation_loss": final_loss(record),
                                "flops_ratio_to_dense": record["flops_per_token"] / dense_flops if dense_flops else None,
-                               "config": record["overrides"]}  # fmt: skip
+                               "config": record["overrides"],
+                               "learned_temperatures": record.get("learned_temperatures")}  # fmt: skip
     long = {}
     for role in ("dense", "mot"):
         variant = chosen.get(role)

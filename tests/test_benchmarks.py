@@ -48,6 +48,23 @@ def test_quality_benchmark_configs_differ_from_dense_only_in_the_layer():
     assert not any(c.output_router_logits for v, c in configs.items() if v != "token_choice")
 
 
+def test_learned_temperatures_are_read_per_layer_in_layer_order(tmp_path):
+    from mixture_of_tokens import MoTGPTForCausalLM
+    from mixture_of_tokens.training import preset_config
+
+    config = preset_config("mot-tiny", vocab_size=64, n_positions=16, n_layer=11, learnable_temperature="layer")
+    model = MoTGPTForCausalLM(config)
+    with torch.no_grad():
+        for index, block in enumerate(model.transformer.h):
+            block.mlp.log_temperature.fill_(index / 10)
+    model.save_pretrained(tmp_path / "learned")
+    temperatures = quality.learned_temperatures(tmp_path / "learned")
+    assert [len(layer) for layer in temperatures] == [1] * 11
+    assert [t for (t,) in temperatures] == pytest.approx([torch.tensor(i / 10).exp().item() for i in range(11)])
+    MoTGPTForCausalLM(preset_config("mot-tiny", vocab_size=64, n_positions=16)).save_pretrained(tmp_path / "fixed")
+    assert quality.learned_temperatures(tmp_path / "fixed") is None
+
+
 @pytest.fixture
 def quick_benchmark(tmp_path, monkeypatch):
     """Arguments of a quick benchmark on a few speeches, with two learning rates and two seeds; tuning covers dense
