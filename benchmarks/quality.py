@@ -324,36 +324,39 @@ def compare(losses: dict, reference: dict) -> dict:
 
 def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
     """The summary table, from the curve files alone: tuning grid, final comparison (mean and spread over seeds, the
-    gap between each pair and whether it exceeds the spread), regime ablations and the long runs' gap against tokens."""
+    gap between each pair and whether it exceeds the spread), regime ablations and the long runs' gap against tokens.
+
+    `final` holds the chosen models and every model once chosen (run on more than one seed), so a result stays in the
+    summary after the regime stage picks another MoT variant; `long` likewise holds every long run."""
     rates = learning_rates(curves, args.tune_steps)
     tuning = {
         variant: {f"{r['learning_rate']:g}": final_loss(r) for r in tuning_runs(curves, variant, args.tune_steps)}
         for variant in TUNED
     }
     chosen = chosen_models(curves, args)
-    final = {}
-    for role, variant in chosen.items():
-        rate = rates[variant]
-        runs = [curves[k] for s in args.seeds if (k := run_id(variant, rate, s, args.max_steps)) in curves]
-        if runs:
-            final[role] = {"variant": variant, "learning_rate": rate, "final_validation_loss":
-                           mean_and_spread([final_loss(r) for r in runs]), "seeds": [r["seed"] for r in runs],
-                           "mean_curve": mean_curve(runs)}  # fmt: skip
+    roles = {variant: role for role, variant in chosen.items()}
     dense_runs = [r for r in curves.values() if r["variant"] == "dense"]
     dense_flops = dense_runs[0]["flops_per_token"] if dense_runs else None
-    for role, entry in final.items():
-        record = curves[run_id(entry["variant"], entry["learning_rate"], entry["seeds"][0], args.max_steps)]
-        entry["flops_ratio_to_dense"] = record["flops_per_token"] / dense_flops if dense_flops else None
-        if role != "dense" and "dense" in final:
+    final = {}
+    for variant, rate in rates.items():
+        runs = [curves[k] for s in args.seeds if (k := run_id(variant, rate, s, args.max_steps)) in curves]
+        if runs and (variant in roles or len(runs) > 1):
+            final[variant] = {"role": roles.get(variant), "learning_rate": rate, "final_validation_loss":
+                              mean_and_spread([final_loss(r) for r in runs]), "seeds": [r["seed"] for r in runs],
+                              "flops_ratio_to_dense": runs[0]["flops_per_token"] / dense_flops if dense_flops else None,
+                              "mean_curve": mean_curve(runs)}  # fmt: skip
+    dense = final.get(chosen["dense"])
+    for entry in final.values():
+        if dense and entry is not dense:
             # Steps, on the seed-mean curves: this model's to reach dense's final loss, and dense's to reach this one's.
-            dense_curve = final["dense"]["mean_curve"]
-            entry["steps_to_dense_final_loss"] = steps_to_reach(entry["mean_curve"], dense_curve[-1][1])
-            entry["dense_steps_to_this_final_loss"] = steps_to_reach(dense_curve, entry["mean_curve"][-1][1])
-    # Every pair of the final models, e.g. "mot - dense": the gap of the seed means and whether it exceeds the spread.
-    losses, roles = {role: entry["final_validation_loss"] for role, entry in final.items()}, list(final)
+            entry["steps_to_dense_final_loss"] = steps_to_reach(entry["mean_curve"], dense["mean_curve"][-1][1])
+            entry["dense_steps_to_this_final_loss"] = steps_to_reach(dense["mean_curve"], entry["mean_curve"][-1][1])
+    # Every pair of the final models, e.g. "mot_k16 - dense": the gap of the seed means, and whether it exceeds the
+    # spread.
+    losses, variants = {variant: entry["final_validation_loss"] for variant, entry in final.items()}, list(final)
     differences = {
-        f"{role} - {reference}": compare(losses[role], losses[reference])
-        for index, reference in enumerate(roles) for role in roles[index + 1 :]
+        f"{variant} - {reference}": compare(losses[variant], losses[reference])
+        for index, reference in enumerate(variants) for variant in variants[index + 1 :]
     }  # fmt: skip
     regime = {}
     for variant in REGIME:
@@ -365,22 +368,22 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
                                "config": record["overrides"],
                                "learned_temperatures": record.get("learned_temperatures")}  # fmt: skip
     long = {}
-    for role in ("dense", "mot"):
-        variant = chosen.get(role)
-        rate = rates.get(variant)
-        record = curves.get(run_id(variant, rate, 0, args.max_steps * args.long_factor)) if rate else None
+    for variant, rate in rates.items():
+        record = curves.get(run_id(variant, rate, 0, args.max_steps * args.long_factor))
         if record:
-            long[role] = {"variant": variant, "learning_rate": rate, "validation_curve": record["validation_curve"]}
-    if len(long) == 2:
-        dense_curve = dict(long["dense"]["validation_curve"])
-        tokens_per_step = args.batch_size * args.block_size
-        long["gap_against_tokens"] = [
-            [step * tokens_per_step, loss - dense_curve[step]]
-            for step, loss in long["mot"]["validation_curve"] if step in dense_curve
-        ]  # fmt: skip
-        long["dense_steps_to_mot_final_loss"] = steps_to_reach(
-            long["dense"]["validation_curve"], long["mot"]["validation_curve"][-1][1]
-        )
+            long[variant] = {"role": roles.get(variant), "learning_rate": rate,
+                             "validation_curve": record["validation_curve"]}  # fmt: skip
+    dense_long = long.get(chosen["dense"])
+    for entry in long.values():
+        if dense_long and entry is not dense_long:
+            dense_curve = dict(dense_long["validation_curve"])
+            entry["gap_against_tokens"] = [
+                [step * args.batch_size * args.block_size, loss - dense_curve[step]]
+                for step, loss in entry["validation_curve"] if step in dense_curve
+            ]  # fmt: skip
+            entry["dense_steps_to_this_final_loss"] = steps_to_reach(
+                dense_long["validation_curve"], entry["validation_curve"][-1][1]
+            )
     return {"tuned_learning_rates": best_learning_rates(curves, args.tune_steps), "learning_rates": rates,
             "tuning_final_loss": tuning, "chosen": chosen, "final": final, "differences": differences,
             "regime": regime, "long": long}  # fmt: skip
@@ -401,22 +404,23 @@ def plot(curves: dict[str, dict], summary: dict, args: argparse.Namespace, path:
     tune_ax.set_xscale("log")
     tune_ax.set_title(f"tuning: loss after {args.tune_steps} steps")
     tune_ax.set_xlabel("peak learning rate")
-    for index, entry in enumerate(summary["final"].values()):
+    for index, (variant, entry) in enumerate(summary["final"].items()):
         for seed in entry["seeds"]:
-            record = curves[run_id(entry["variant"], entry["learning_rate"], seed, args.max_steps)]
+            record = curves[run_id(variant, entry["learning_rate"], seed, args.max_steps)]
             steps, losses = zip(*record["validation_curve"], strict=True)
-            label = f"{entry['variant']} (lr {entry['learning_rate']:g})" if seed == entry["seeds"][0] else None
+            label = f"{variant} (lr {entry['learning_rate']:g})" if seed == entry["seeds"][0] else None
             final_ax.plot(steps, losses, color=f"C{index}", alpha=0.8, label=label)
     final_ax.set_title(f"final comparison, seeds {args.seeds}")
     final_ax.set_xlabel("training step")
     if summary["final"]:
         low = min(e["final_validation_loss"]["min"] for e in summary["final"].values())
         final_ax.set_ylim(low - 0.1, low + 1.2)
-    if "gap_against_tokens" in summary["long"]:
-        tokens, gaps = zip(*summary["long"]["gap_against_tokens"], strict=True)
-        long_ax.plot([t / 1e6 for t in tokens], gaps, marker="o", color="C1")
-        long_ax.axhline(0, color="C0", ls=":")
-    long_ax.set_title(f"{summary['chosen']['mot']} minus dense, long runs")
+    for index, (variant, entry) in enumerate(summary["long"].items()):
+        if "gap_against_tokens" in entry:
+            tokens, gaps = zip(*entry["gap_against_tokens"], strict=True)
+            long_ax.plot([t / 1e6 for t in tokens], gaps, marker="o", color=f"C{index}", label=variant)
+    long_ax.axhline(0, color="C0", ls=":")
+    long_ax.set_title("MoT minus dense, long runs")
     long_ax.set_xlabel("tokens seen (millions)")
     for ax in (tune_ax, final_ax, long_ax):
         ax.set_ylabel("validation loss (nats/token)" if ax is not long_ax else "loss gap (nats/token)")
@@ -475,9 +479,10 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     plot(curves, results["summary"], args, out.with_suffix(".png"))
-    for role, entry in results["summary"]["final"].items():
+    for variant, entry in results["summary"]["final"].items():
         loss = entry["final_validation_loss"]
-        print(f"[quality] {role:6s} {entry['variant']:22s} {loss['mean']:.4f} +- {loss['std']:.4f} (n {loss['n']})")
+        role = entry["role"] or ""
+        print(f"[quality] {variant:22s} {role:6s} {loss['mean']:.4f} +- {loss['std']:.4f} (n {loss['n']})")
     return results
 
 

@@ -65,6 +65,31 @@ def test_learned_temperatures_are_read_per_layer_in_layer_order(tmp_path):
     assert quality.learned_temperatures(tmp_path / "fixed") is None
 
 
+def curve_record(variant: str, learning_rate: float, seed: int, steps: int, final: float) -> dict:
+    """A committed curve file's fields that the summary reads, for a run ending at `final`."""
+    curve = [[steps // 2, final + 0.5], [steps, final]]
+    return {"run": quality.run_id(variant, learning_rate, seed, steps), "variant": variant, "seed": seed,
+            "learning_rate": learning_rate, "max_steps": steps, "validation_curve": curve, "flops_per_token": 1.0,
+            "overrides": {}}  # fmt: skip
+
+
+def test_summary_keeps_a_former_final_model_after_the_regime_picks_another():
+    args = quality.parse_args([])
+    records = [curve_record(v, 1e-3, 0, 300, 6.0) for v in quality.TUNED]
+    records += [curve_record(v, 1e-3, seed, 1000, loss + seed / 100) for seed in (0, 1, 2)
+                for v, loss in (("dense", 5.3), ("mot_k16_t0.1", 5.4), ("expert_choice", 5.7))]  # fmt: skip
+    records += [curve_record("mot_k16_second_half", 1e-3, 0, 1000, 5.35)]  # the regime's best MoT, one seed
+    records += [curve_record(v, 1e-3, 0, 5000, loss) for v, loss in (("dense", 4.7), ("mot_k16_t0.1", 4.8))]
+    summary = quality.summarize({r["run"]: r for r in records}, args)
+    assert summary["chosen"]["mot"] == "mot_k16_second_half"
+    final = summary["final"]
+    assert final["mot_k16_second_half"]["role"] == "mot" and final["mot_k16_second_half"]["seeds"] == [0]
+    assert final["mot_k16_t0.1"]["role"] is None and final["mot_k16_t0.1"]["seeds"] == [0, 1, 2]
+    assert summary["differences"]["mot_k16_t0.1 - dense"]["gap"] == pytest.approx(0.1)
+    assert "token_choice" not in final  # tuned only, never a final model
+    assert summary["long"]["mot_k16_t0.1"]["gap_against_tokens"][-1] == [5000 * 32 * 64, pytest.approx(0.1)]
+
+
 @pytest.fixture
 def quick_benchmark(tmp_path, monkeypatch):
     """Arguments of a quick benchmark on a few speeches, with two learning rates and two seeds; tuning covers dense
@@ -93,22 +118,25 @@ def test_quality_benchmark_tunes_then_compares_seeds_and_rebuilds_from_curves(qu
     expected |= {f"{v}-lr{rates[v]:g}-s{seed}-4" for v in ("dense", "mot_k16") for seed in (0, 1)}
     assert set(curves) == expected
     final = summary["final"]
-    assert final["dense"]["seeds"] == final["mot"]["seeds"] == [0, 1]
+    assert (final["dense"]["role"], final["mot_k16"]["role"]) == ("dense", "mot")
+    assert final["dense"]["seeds"] == final["mot_k16"]["seeds"] == [0, 1]
     losses = [results["runs"][f"mot_k16-lr{rates['mot_k16']:g}-s{seed}-4"]["final_validation_loss"] for seed in (0, 1)]
-    assert final["mot"]["final_validation_loss"]["mean"] == pytest.approx(sum(losses) / 2)
-    assert final["mot"]["final_validation_loss"]["std"] > 0  # two seeds, two different runs
-    gap = summary["differences"]["mot - dense"]
+    assert final["mot_k16"]["final_validation_loss"]["mean"] == pytest.approx(sum(losses) / 2)
+    assert final["mot_k16"]["final_validation_loss"]["std"] > 0  # two seeds, two different runs
+    gap = summary["differences"]["mot_k16 - dense"]
     assert gap["gap"] == pytest.approx(
-        final["mot"]["final_validation_loss"]["mean"] - final["dense"]["final_validation_loss"]["mean"]
+        final["mot_k16"]["final_validation_loss"]["mean"] - final["dense"]["final_validation_loss"]["mean"]
     )
     assert isinstance(gap["gap_exceeds_two_standard_errors"], bool) and gap["gap_standard_error"] > 0
     assert (tmp_path / "q.png").stat().st_size > 0
     # The long stage: dense and MoT for long_factor x max_steps, scored every eval_steps.
     quick_benchmark += ["--long_factor", "2"]
     summary = quality.main(quick_benchmark + ["--stage", "long"])["summary"]
-    assert [step for step, _ in summary["long"]["mot"]["validation_curve"]] == [2, 4, 6, 8]
-    assert [tokens for tokens, _ in summary["long"]["gap_against_tokens"]] == [step * 16 * 16 for step in (2, 4, 6, 8)]
-    reached = summary["long"]["dense_steps_to_mot_final_loss"]
+    long = summary["long"]["mot_k16"]
+    assert set(summary["long"]) == {"dense", "mot_k16"} and "gap_against_tokens" not in summary["long"]["dense"]
+    assert [step for step, _ in long["validation_curve"]] == [2, 4, 6, 8]
+    assert [tokens for tokens, _ in long["gap_against_tokens"]] == [step * 16 * 16 for step in (2, 4, 6, 8)]
+    reached = long["dense_steps_to_this_final_loss"]
     assert reached is None or 0 < reached <= 8
     record = json.loads((tmp_path / "curves" / "tiny" / f"{curves[0]}.json").read_text())
     assert [step for step, _ in record["validation_curve"]] == [2]  # a tuning run is scored at its end
