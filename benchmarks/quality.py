@@ -261,17 +261,20 @@ def learning_rates(curves: dict[str, dict], steps: int) -> dict[str, float]:
 
 
 def chosen_models(curves: dict[str, dict], args: argparse.Namespace) -> dict[str, str]:
-    """The final comparison's models: dense, the best MoT variant (lowest seed-0 loss of the regime stage, else the
-    best tuned MoT variant) and the best sparse one (lowest tuning loss)."""
+    """The final comparison's models: dense, the best MoT variant and the best sparse one (lowest tuning loss).
+
+    The best MoT variant has the lowest mean loss over the seeds it was run on for `max_steps` (else it is the best
+    tuned one). A regime run has seed 0 only, so a variant that wins on seed 0 is picked, the final stage runs its
+    other seeds, and it stays the pick only if its mean over all of them is still the lowest."""
     rates = learning_rates(curves, args.tune_steps)
     chosen = {"dense": "dense", "mot": best_tuned(curves, args.tune_steps, MOT_TUNED)}
-    regime = [
-        r for r in curves.values()
-        if r["variant"].startswith("mot") and r["max_steps"] == args.max_steps and r["seed"] == 0
-        and r["learning_rate"] == rates.get(r["variant"])
-    ]  # fmt: skip
-    if regime:
-        chosen["mot"] = min(regime, key=final_loss)["variant"]
+    losses = {}
+    for r in curves.values():
+        if (r["variant"].startswith("mot") and r["max_steps"] == args.max_steps and r["seed"] in args.seeds
+                and r["learning_rate"] == rates.get(r["variant"])):  # fmt: skip
+            losses.setdefault(r["variant"], []).append(final_loss(r))
+    if losses:
+        chosen["mot"] = min(losses, key=lambda variant: statistics.fmean(losses[variant]))
     sparse = best_tuned(curves, args.tune_steps, SPARSE)
     if sparse:
         chosen["sparse"] = sparse

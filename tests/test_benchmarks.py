@@ -73,7 +73,7 @@ def curve_record(variant: str, learning_rate: float, seed: int, steps: int, fina
             "overrides": {}}  # fmt: skip
 
 
-def test_summary_keeps_a_former_final_model_after_the_regime_picks_another():
+def test_best_mot_is_the_lowest_seed_mean_and_former_picks_stay_in_the_summary():
     args = quality.parse_args([])
     records = [curve_record(v, 1e-3, 0, 300, 6.0) for v in quality.TUNED]
     records += [curve_record(v, 1e-3, seed, 1000, loss + seed / 100) for seed in (0, 1, 2)
@@ -88,6 +88,12 @@ def test_summary_keeps_a_former_final_model_after_the_regime_picks_another():
     assert summary["differences"]["mot_k16_t0.1 - dense"]["gap"] == pytest.approx(0.1)
     assert "token_choice" not in final  # tuned only, never a final model
     assert summary["long"]["mot_k16_t0.1"]["gap_against_tokens"][-1] == [5000 * 32 * 64, pytest.approx(0.1)]
+    # Its other seeds put its mean above the former pick's: that one is the pick again, both stay in the summary.
+    records += [curve_record("mot_k16_second_half", 1e-3, seed, 1000, 5.6) for seed in (1, 2)]
+    summary = quality.summarize({r["run"]: r for r in records}, args)
+    assert summary["chosen"]["mot"] == "mot_k16_t0.1" and summary["final"]["mot_k16_t0.1"]["role"] == "mot"
+    assert summary["final"]["mot_k16_second_half"]["role"] is None
+    assert summary["final"]["mot_k16_second_half"]["final_validation_loss"]["mean"] == pytest.approx(5.5167, abs=1e-4)
 
 
 @pytest.fixture
