@@ -260,6 +260,11 @@ def learning_rates(curves: dict[str, dict], steps: int) -> dict[str, float]:
     return rates
 
 
+def seeded_runs(curves: dict[str, dict], variant: str, rate: float, args: argparse.Namespace) -> list[dict]:
+    """A variant's runs of `max_steps` steps at `rate`, one per seed of `args.seeds` that has run."""
+    return [curves[k] for s in args.seeds if (k := run_id(variant, rate, s, args.max_steps)) in curves]
+
+
 def chosen_models(curves: dict[str, dict], args: argparse.Namespace) -> dict[str, str]:
     """The final comparison's models: dense, the best MoT variant and the best sparse one (lowest tuning loss).
 
@@ -269,10 +274,10 @@ def chosen_models(curves: dict[str, dict], args: argparse.Namespace) -> dict[str
     rates = learning_rates(curves, args.tune_steps)
     chosen = {"dense": "dense", "mot": best_tuned(curves, args.tune_steps, MOT_TUNED)}
     losses = {}
-    for r in curves.values():
-        if (r["variant"].startswith("mot") and r["max_steps"] == args.max_steps and r["seed"] in args.seeds
-                and r["learning_rate"] == rates.get(r["variant"])):  # fmt: skip
-            losses.setdefault(r["variant"], []).append(final_loss(r))
+    for variant, rate in rates.items():
+        runs = seeded_runs(curves, variant, rate, args)
+        if variant.startswith("mot") and runs:
+            losses[variant] = [final_loss(r) for r in runs]
     if losses:
         chosen["mot"] = min(losses, key=lambda variant: statistics.fmean(losses[variant]))
     sparse = best_tuned(curves, args.tune_steps, SPARSE)
@@ -342,7 +347,7 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
     dense_flops = dense_runs[0]["flops_per_token"] if dense_runs else None
     final = {}
     for variant, rate in rates.items():
-        runs = [curves[k] for s in args.seeds if (k := run_id(variant, rate, s, args.max_steps)) in curves]
+        runs = seeded_runs(curves, variant, rate, args)
         if runs and (variant in roles or len(runs) > 1):
             final[variant] = {"role": roles.get(variant), "learning_rate": rate, "final_validation_loss":
                               mean_and_spread([final_loss(r) for r in runs]), "seeds": [r["seed"] for r in runs],
@@ -377,9 +382,9 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             long[variant] = {"role": roles.get(variant), "learning_rate": rate,
                              "validation_curve": record["validation_curve"]}  # fmt: skip
     dense_long = long.get(chosen["dense"])
+    dense_curve = dict(dense_long["validation_curve"]) if dense_long else {}
     for entry in long.values():
         if dense_long and entry is not dense_long:
-            dense_curve = dict(dense_long["validation_curve"])
             entry["gap_against_tokens"] = [
                 [step * args.batch_size * args.block_size, loss - dense_curve[step]]
                 for step, loss in entry["validation_curve"] if step in dense_curve
