@@ -23,7 +23,7 @@ from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM
 RESULTS = Path(__file__).parent / "results"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, nargs="+", default=[32], help="one or more batch sizes")
     parser.add_argument("--prompt_len", type=int, default=32)
@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     parser.add_argument("--out", default=str(RESULTS / "generation_speed.json"))
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
@@ -108,8 +108,8 @@ def time_batch(models: dict[str, torch.nn.Module], batch_size: int, args: argpar
     }
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.quick:
         args.batch_size, args.prompt_len, args.new_tokens, args.n_embd, args.repeats = [8, 16], 8, 8, 64, 1
         args.vocab_size, args.group_size, args.n_experts = 512, 8, 8
@@ -141,6 +141,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
+    return results
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per candidate (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate first")
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="default benchmarks/results/layer_speed[_quick].json")
     parser.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     parser.add_argument("--layers", nargs="+", default=list(LAYER_TYPES), choices=LAYER_TYPES)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = SETTINGS
     if args.quick:
@@ -230,6 +230,7 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and its .png chart")
+    return report
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ on random tokens. Time: one full AdamW step (forward, backward, clipping, optimi
 each repeat in alternating order, median per model and median of the per-repeat ratios to dense; a repeat during
 which other processes used the CPU is redone. Memory: each model runs a few steps in a fresh process; the peak
 resident memory of that process above its level before the model was built (weights, gradients, AdamW state and
-activations) is reported; on CUDA, `torch.cuda.max_memory_allocated`.
+activations) is reported; on CUDA, `torch.cuda.max_memory_allocated`. The memory processes run as many at a
+time as there are CPUs.
 
     .venv/bin/python benchmarks/train_speed.py                 # batch 32 x 64 tokens, 10 repeats
     .venv/bin/python benchmarks/train_speed.py --quick         # a few seconds, for a smoke test
@@ -16,9 +17,11 @@ Writes `--out` (JSON) and the same name with `.png`.
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -93,13 +96,17 @@ def memory_status_kb(key: str) -> int:
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, float]:
-    memory = {}
-    for name in args.runs:
+    """`peak_memory_mb` of each model, each in a process of its own; as many at once as there are CPUs (each process
+    reports only its own peak, so they do not disturb each other's numbers)."""
+
+    def child(name: str) -> float:
         argv = [sys.executable, __file__, "--memory_of", name, "--threads", str(args.threads)]
         argv += ["--batch_size", str(args.batch_size), "--block_size", str(args.block_size)]
         argv += ["--vocab_size", str(args.vocab_size)]
-        memory[name] = round(float(subprocess.check_output(argv, text=True).split()[-1]), 1)
-    return memory
+        return round(float(subprocess.check_output(argv, text=True).split()[-1]), 1)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        return dict(zip(args.runs, pool.map(child, args.runs), strict=True))
 
 
 def measure_time(args: argparse.Namespace) -> tuple[dict[str, list[float]], int]:

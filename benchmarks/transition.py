@@ -382,7 +382,7 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_benchmark_args(argv)
     torch.manual_seed(args.seed)
     runs, started = Path(args.runs_dir), time.time()
@@ -486,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     plot(results, out.with_suffix(".png"))
     summary = ("validation_loss", "tuned_relative_to_mot", "target_met", "balance_target_met")
     print(json.dumps({key: results[key] for key in summary}))
+    return results
 
 
 if __name__ == "__main__":

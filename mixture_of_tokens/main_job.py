@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_blocks", type=int, default=256, help="blocks per corpus in the final evaluation")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--report_dir", default="report")
+    parser.add_argument(
+        "--data_cache_dir", default=".cache/mot-data", help="packed blocks, shared by training and evaluation"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lm_eval_limit", type=int, help="items per lm-eval task (default: all)")
     return parser.parse_args(argv)
@@ -61,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(preset: str, args: argparse.Namespace) -> Path:
     """Train `preset` into RUNS_DIR/preset, resuming from a checkpoint, or reuse a finished run."""
     output_dir = Path(args.runs_dir) / preset
-    script = ScriptArguments(preset=preset, block_size=args.block_size, max_eval_blocks=64)
+    script = ScriptArguments(
+        preset=preset, block_size=args.block_size, max_eval_blocks=64, data_cache_dir=args.data_cache_dir
+    )
     training_args = MoTTrainingArguments(
         output_dir=str(output_dir),
         max_steps=args.max_steps,
@@ -128,7 +133,13 @@ def main(argv: list[str] | None = None) -> None:
         groupings = ("batch", "single", "fillers") if is_mot else ("batch",)
         print(f"[main] evaluating {preset} ({', '.join(groupings)} grouping)")
         results[preset] = evaluate_on_corpora(
-            model, tokenizer, args.block_size, args.batch_size, groupings, args.eval_blocks, data_cache_dir=None
+            model,
+            tokenizer,
+            args.block_size,
+            args.batch_size,
+            groupings,
+            args.eval_blocks,
+            data_cache_dir=args.data_cache_dir,
         )
         total, active = parameter_counts(model)
         results[preset] |= {

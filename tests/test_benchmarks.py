@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import generation_speed  # noqa: E402
+import layer_speed  # noqa: E402
 import quality  # noqa: E402
 import train_speed  # noqa: E402
 
@@ -163,9 +164,26 @@ def test_train_speed_benchmark_reports_time_and_memory_ratios(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("script", ["layer_speed.py", "generation_speed.py"])
-def test_speed_benchmark_quick_mode_writes_its_results(script, tmp_path):
-    out = tmp_path / "result.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)], check=True)
-    assert json.loads(out.read_text())
-    assert out.with_suffix(".png").stat().st_size > 0
+@pytest.fixture
+def keep_threads():
+    """The speed benchmarks set torch's thread count; restore it for the tests that follow."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_layer_speed_benchmark_times_every_layer_against_dense(tmp_path, keep_threads):
+    out = tmp_path / "layers.json"
+    report = layer_speed.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == report and out.with_suffix(".png").stat().st_size > 0
+    for result in report["results"]:
+        assert result["ratio_to_dense"].keys() <= set(layer_speed.LAYER_TYPES) and "mot" in result["ratio_to_dense"]
+        assert all(ms > 0 for ms in result["ms"].values())
+
+
+def test_generation_speed_benchmark_compares_motgpt_with_gpt2(tmp_path, keep_threads):
+    out = tmp_path / "generation.json"
+    report = generation_speed.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == report and out.with_suffix(".png").stat().st_size > 0
+    assert [row["batch_size"] for row in report["results"]] == [8, 16]
+    assert all(row["ratio_motgpt_to_gpt2"] > 0 for row in report["results"])

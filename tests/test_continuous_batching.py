@@ -4,7 +4,7 @@ request into one row: models without groups give `generate`'s tokens through it,
 import pytest
 import torch
 from conftest import random_ids, tiny_config
-from transformers import GenerationConfig
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.transition import mot_to_token_choice
@@ -23,11 +23,15 @@ def greedy(max_new_tokens: int = 6) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=0, pad_token_id=1)
 
 
+# A paged cache sized for these prompts: by default it is sized from the free memory, and filling it takes seconds.
+SMALL_CACHE = ContinuousBatchingConfig(num_blocks=8, max_batch_tokens=64)
+
+
 @pytest.mark.parametrize("kind", sorted(NO_GROUPS))
 def test_models_without_groups_give_generates_tokens_through_continuous_batching(kind):
     model = NO_GROUPS[kind]().eval()
     assert not model.config.uses_groups
-    outputs = model.generate_batch(inputs=PROMPTS, generation_config=greedy())
+    outputs = model.generate_batch(inputs=PROMPTS, generation_config=greedy(), continuous_batching_config=SMALL_CACHE)
     served = [output.generated_tokens for output in sorted(outputs.values(), key=lambda o: int(o.request_id[4:]))]
     with torch.no_grad():
         alone = [model.generate(torch.tensor([p]), generation_config=greedy())[0] for p in PROMPTS]

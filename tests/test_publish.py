@@ -1,17 +1,16 @@
 """The publish script's dry run: the folder, its card, and loading it from an offline Hub cache as a user would."""
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import console_script, lay_out_hub_cache, run_without_package, tiny_config
+from conftest import lay_out_hub_cache, run_without_package, tiny_config
 from huggingface_hub import ModelCard
 
 from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.data import load_sotu, train_bpe_tokenizer
+from mixture_of_tokens.publish import main as publish_main
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_RESULTS = {
@@ -32,21 +31,10 @@ def checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
-def publish(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [console_script("mot-publish"), *args],
-        capture_output=True,
-        text=True,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-        timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def release(checkpoint, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("release") / "tiny-mot"
-    result = publish(str(checkpoint), "--dry-run", str(folder))
-    assert result.returncode == 0, result.stderr[-2000:]
+    publish_main([str(checkpoint), "--dry-run", str(folder)])  # `mot-publish` (its installed script: test_packaging)
     return folder
 
 
@@ -124,11 +112,13 @@ def test_non_safetensors_checkpoint_is_refused(checkpoint, tmp_path):
         if file.name != "model.safetensors":
             (legacy / file.name).write_bytes(file.read_bytes())
     torch.save({}, legacy / "pytorch_model.bin")
-    result = publish(str(legacy), "--dry-run", str(tmp_path / "out"))
-    assert result.returncode != 0 and "no safetensors weights" in result.stderr
+    with pytest.raises(ValueError, match="no safetensors weights"):
+        publish_main([str(legacy), "--dry-run", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
 def test_checkpoint_without_evaluation_results_is_refused(checkpoint, tmp_path):
-    result = publish(str(checkpoint), "--dry-run", str(tmp_path / "out"), "--eval-results", str(tmp_path / "none.json"))
-    assert result.returncode != 0 and "no evaluation results" in result.stderr
+    with pytest.raises(ValueError, match="no evaluation results"):
+        publish_main(
+            [str(checkpoint), "--dry-run", str(tmp_path / "out"), "--eval-results", str(tmp_path / "none.json")]
+        )

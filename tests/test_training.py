@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from mixture_of_tokens import MoTGPTForCausalLM
-from mixture_of_tokens.training import check_groups, parse_args, preset_config, run_training
+from mixture_of_tokens.training import check_groups, finetune_main, parse_args, preset_config, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["n_layer=1", "n_embd=32", "n_head=2", "n_experts=4", "group_size=4"]
@@ -122,14 +122,13 @@ def test_finetune_script_tunes_a_non_mot_checkpoint_on_a_text_file(corpus, tmp_p
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2))
     gpt2.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    command = [
-        console_script("mot-finetune"), "--model_name_or_path", str(tmp_path / "base"),
+    finetune_main([  # `mot-finetune` (its installed script answers --help in test_packaging)
+        "--model_name_or_path", str(tmp_path / "base"),
         "--corpus", corpus["train"], "--validation", corpus["valid"], "--block_size", "32",
         "--data_cache_dir", corpus["cache"], "--output_dir", str(tmp_path / "tuned"), "--max_steps", "6",
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--eval_steps", "6",
         "--max_eval_blocks", "8", "--disable_tqdm", "true",
-    ]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    ])  # fmt: skip
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
     assert isinstance(tuned, GPT2LMHeadModel)
     assert not torch.equal(tuned.transformer.h[0].mlp.c_fc.weight, gpt2.transformer.h[0].mlp.c_fc.weight)
