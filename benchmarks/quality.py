@@ -57,6 +57,7 @@ VARIANTS = {
     "mot_k16_t0.1": ("mot", {"k": 16, "router_temperature": 0.1}),
     "mot_k16_learned_t": ("mot", {"k": 16, "learnable_temperature": "layer"}),
     "mot_k16_second_half": ("mot", {"k": 16, "mot_layers": "second_half"}),
+    "mot_k16_second_half_t0.1": ("mot", {"k": 16, "mot_layers": "second_half", "router_temperature": 0.1}),
     "mot_k16_emit_experts": ("mot", {"k": 16, "mot_emit_weights": "experts"}),
     "uniform_mot_k16": ("mot", {"k": 16, "ffn_type": "uniform_mot"}),
     "token_choice": (
@@ -71,7 +72,7 @@ MOT_TUNED = ("mot_k16", "mot_k16_t0.1")
 TUNED = ("dense", *MOT_TUNED, "token_choice", "expert_choice")
 SPARSE = ("token_choice", "expert_choice")
 REGIME = ("mot_k1", "mot_k2", "mot_k8", "mot_k16", "mot_k16_t0.1", "mot_k16_learned_t", "mot_k16_second_half",
-          "mot_k16_emit_experts", "uniform_mot_k16", "dense_gpt2_init")  # fmt: skip
+          "mot_k16_second_half_t0.1", "mot_k16_emit_experts", "uniform_mot_k16", "dense_gpt2_init")  # fmt: skip
 QUICK = {"max_steps": 4, "tune_steps": 2, "eval_steps": 2, "block_size": 16, "batch_size": 16, "eval_blocks": 16}
 
 
