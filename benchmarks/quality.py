@@ -11,6 +11,7 @@ full groups only). The stages build on each other:
     python benchmarks/quality.py --stage tune     # every TUNED variant at each of --learning_rates, a short budget
     python benchmarks/quality.py --stage final    # dense, best MoT and best sparse model at their best rate, 3 seeds
     python benchmarks/quality.py --stage regime   # the MoT ablations (k, T, blocks, emit weights) at MoT's best rate
+    python benchmarks/quality.py --stage regime --variants mot_k16 --regime_seeds 1 2   # an ablation's seed spread
     python benchmarks/quality.py --stage long     # dense and the best MoT for --long_factor times the tokens
     python benchmarks/quality.py                  # rebuild the summary from the committed curves, train nothing
     python benchmarks/quality.py --device cuda --bf16 --backbone medium --stage final   # on a GPU
@@ -83,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="train only these of the stage's runs")
     parser.add_argument("--learning_rates", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the final stage")
+    parser.add_argument(
+        "--regime_seeds", type=int, nargs="+", default=[0], help="seeds of the regime stage (more: its seed spread)"
+    )
     parser.add_argument("--tune_steps", type=int, default=300, help="steps of each tuning run")
     parser.add_argument("--max_steps", type=int, default=1000, help="steps of each final and regime run")
     parser.add_argument("--long_factor", type=int, default=5, help="the long stage trains this many times longer")
@@ -460,8 +464,9 @@ def run_stage(args: argparse.Namespace) -> None:
         raise ValueError(f"--stage {args.stage} needs the tuning runs of {missing}: run --stage tune first.")
     rates, chosen = learning_rates(curves, args.tune_steps), chosen_models(curves, args)
     if args.stage == "regime":
-        for variant in REGIME:
-            train_if_chosen(variant, rates[variant], 0, args.max_steps)
+        for seed in args.regime_seeds:
+            for variant in REGIME:
+                train_if_chosen(variant, rates[variant], seed, args.max_steps)
     elif args.stage == "final":
         for seed in args.seeds:
             for variant in chosen.values():

@@ -187,3 +187,12 @@ def test_generation_speed_benchmark_compares_motgpt_with_gpt2(tmp_path, keep_thr
     assert json.loads(out.read_text()) == report and out.with_suffix(".png").stat().st_size > 0
     assert [row["batch_size"] for row in report["results"]] == [8, 16]
     assert all(row["ratio_motgpt_to_gpt2"] > 0 for row in report["results"])
+
+
+def test_regime_stage_trains_the_asked_seeds_of_the_asked_variants(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(quality, "train", lambda variant, rate, seed, steps, _: trained.append((variant, seed, steps)))
+    # The committed tuning curves give the learning rates; nothing is trained for real.
+    quality.main(["--stage", "regime", "--variants", "mot_k16", "mot_k1", "--regime_seeds", "1", "2",
+                  "--out", str(tmp_path / "q.json")])  # fmt: skip
+    assert trained == [("mot_k1", 1, 1000), ("mot_k16", 1, 1000), ("mot_k1", 2, 1000), ("mot_k16", 2, 1000)]
