@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbone", choices=["tiny", "medium"], default="tiny")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="train only these of the stage's runs")
     parser.add_argument("--learning_rates", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the final stage")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds the final stage trains")
     parser.add_argument(
         "--regime_seeds", type=int, nargs="+", default=[0], help="seeds of the regime stage (more: its seed spread)"
     )
@@ -266,8 +266,14 @@ def learning_rates(curves: dict[str, dict], steps: int) -> dict[str, float]:
 
 
 def seeded_runs(curves: dict[str, dict], variant: str, rate: float, args: argparse.Namespace) -> list[dict]:
-    """A variant's runs of `max_steps` steps at `rate`, one per seed of `args.seeds` that has run."""
-    return [curves[k] for s in args.seeds if (k := run_id(variant, rate, s, args.max_steps)) in curves]
+    """A variant's runs of `max_steps` steps at `rate`, one per seed that has run, in seed order: every seed, not only
+    `args.seeds` (the seeds a call trains), so the pick and the table do not depend on which seeds a call names."""
+    runs = [
+        r
+        for r in curves.values()
+        if (r["variant"], r["learning_rate"], r["max_steps"]) == (variant, rate, args.max_steps)
+    ]
+    return sorted(runs, key=lambda record: record["seed"])
 
 
 def chosen_models(curves: dict[str, dict], args: argparse.Namespace) -> dict[str, str]:
@@ -423,7 +429,7 @@ def plot(curves: dict[str, dict], summary: dict, args: argparse.Namespace, path:
             steps, losses = zip(*record["validation_curve"], strict=True)
             label = f"{variant} (lr {entry['learning_rate']:g})" if seed == entry["seeds"][0] else None
             final_ax.plot(steps, losses, color=f"C{index}", alpha=0.8, label=label)
-    final_ax.set_title(f"final comparison, seeds {args.seeds}")
+    final_ax.set_title(f"final comparison, {args.max_steps} steps, every seed")
     final_ax.set_xlabel("training step")
     if summary["final"]:
         low = min(e["final_validation_loss"]["min"] for e in summary["final"].values())

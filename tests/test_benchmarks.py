@@ -83,6 +83,8 @@ def test_best_mot_is_the_lowest_seed_mean_and_former_picks_stay_in_the_summary()
     records += [curve_record(v, 1e-3, 0, 5000, loss) for v, loss in (("dense", 4.7), ("mot_k16_t0.1", 4.8))]
     summary = quality.summarize({r["run"]: r for r in records}, args)
     assert summary["chosen"]["mot"] == "mot_k16_second_half"
+    # The seeds a call trains do not change the pick or the table: a call training seed 1 sees every seed.
+    assert quality.summarize({r["run"]: r for r in records}, quality.parse_args(["--seeds", "1"])) == summary
     final = summary["final"]
     assert final["mot_k16_second_half"]["role"] == "mot" and final["mot_k16_second_half"]["seeds"] == [0]
     assert final["mot_k16_t0.1"]["role"] is None and final["mot_k16_t0.1"]["seeds"] == [0, 1, 2]

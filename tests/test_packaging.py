@@ -75,8 +75,8 @@ for entry_point in dist.entry_points.select(group="console_scripts"):
     with contextlib.redirect_stdout(out):
         try:
             entry_point.load()()
-        except SystemExit as exit:
-            code = exit.code
+        except SystemExit as stop:
+            code = stop.code
     answers[entry_point.name] = {"exit_code": code, "output": out.getvalue()}
 import mixture_of_tokens
 print(json.dumps({"package": mixture_of_tokens.__file__, "answers": answers}))
