@@ -158,20 +158,20 @@ def test_quality_benchmark_tunes_then_compares_seeds_and_rebuilds_from_curves(qu
         quality.main(quick_benchmark + ["--stage", "tune", "--vocab_size", "320"])
 
 
-def test_train_speed_benchmark_reports_time_and_memory_ratios(tmp_path):
-    results = train_speed.main(["--quick", "--runs", "token_choice", "--out", str(tmp_path / "t.json")])
-    assert set(results["step_ms"]) == {"dense", "token_choice"}
-    assert results["step_time_ratio_to_dense"]["dense"] == 1.0
-    assert results["peak_memory_mb"]["token_choice"] > results["peak_memory_mb"]["dense"] > 0  # 16x MLP weights
-    assert (tmp_path / "t.png").stat().st_size > 0
-
-
 @pytest.fixture
 def keep_threads():
     """The speed benchmarks set torch's thread count; restore it for the tests that follow."""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def test_train_speed_benchmark_reports_time_and_memory_ratios(tmp_path, keep_threads):
+    results = train_speed.main(["--quick", "--runs", "token_choice", "--out", str(tmp_path / "t.json")])
+    assert set(results["step_ms"]) == {"dense", "token_choice"}
+    assert results["step_time_ratio_to_dense"]["dense"] == 1.0
+    assert results["peak_memory_mb"]["token_choice"] > results["peak_memory_mb"]["dense"] > 0  # 16x MLP weights
+    assert (tmp_path / "t.png").stat().st_size > 0
 
 
 def test_layer_speed_benchmark_times_every_layer_against_dense(tmp_path, keep_threads):
