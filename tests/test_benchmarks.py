@@ -149,6 +149,17 @@ def test_quality_benchmark_tunes_then_compares_seeds_and_rebuilds_from_curves(qu
     assert reached is None or 0 < reached <= 8
     record = json.loads((tmp_path / "curves" / "tiny" / f"{curves[0]}.json").read_text())
     assert [step for step, _ in record["validation_curve"]] == [2]  # a tuning run is scored at its end
+    assert record["timed_from_step"] == 0
+    # A long run stopped after its step-6 checkpoint resumes there; its seconds are timed from step 6.
+    name = f"mot_k16-lr{rates['mot_k16']:g}-s0-8"
+    (tmp_path / "curves" / "tiny" / f"{name}.json").unlink()
+    (tmp_path / "runs" / "tiny" / name / "model.safetensors").unlink()
+    shutil.rmtree(tmp_path / "runs" / "tiny" / name / "checkpoint-8")
+    resumed = quality.main(quick_benchmark + ["--stage", "long"])["summary"]["long"]["mot_k16"]
+    assert resumed["validation_curve"][:3] == long["validation_curve"][:3]  # the kept evaluations, not re-run
+    assert [step for step, _ in resumed["validation_curve"]] == [2, 4, 6, 8]
+    assert json.loads((tmp_path / "curves" / "tiny" / f"{name}.json").read_text())["timed_from_step"] == 6
+    summary = quality.main(quick_benchmark)["summary"]
     # The curve files alone rebuild the same summary: no run folder, nothing trained.
     shutil.rmtree(tmp_path / "runs")
     rebuilt = quality.main(quick_benchmark)
