@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixture_of_tokens.card import flops_per_token, parameter_counts  # noqa: E402
@@ -168,12 +167,8 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
         disable_tqdm=True,
     )
     print(f"[quality] {name}: {steps} steps", flush=True)
-    # A resumed run is timed from its last checkpoint on: the curve records that step with the seconds.
-    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    timed_from_step = int(last_checkpoint.rsplit("-", 1)[1]) if last_checkpoint else 0
     tick = time.time()
-    if not train_or_reuse(script, training_args):
-        timed_from_step = steps
+    started_at = train_or_reuse(script, training_args)  # a resumed run is timed from its checkpoint's step on
     seconds = time.time() - tick
     model = variant_model(spec, json.loads((output_dir / "config.json").read_text())["vocab_size"], args.block_size)
     total, active = parameter_counts(model)
@@ -193,7 +188,7 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
         "active_parameters_per_token": active,
         "flops_per_token": flops_per_token(model),
         "training_seconds": round(seconds, 1),
-        "timed_from_step": timed_from_step,
+        "timed_from_step": steps if started_at is None else started_at,
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()},
     }
     curve_file.parent.mkdir(parents=True, exist_ok=True)

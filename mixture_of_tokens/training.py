@@ -421,8 +421,7 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
     output_dir.mkdir(parents=True, exist_ok=True)
     if last_checkpoint is not None and args.process_index == 0:
         # Logs written after the checkpoint, before the stop, are logged again by the resumed run: drop them.
-        resumed_step = int(Path(last_checkpoint).name.split("-")[-1])
-        kept = [r for r in read_metrics(output_dir) if r["step"] <= resumed_step]
+        kept = [r for r in read_metrics(output_dir) if r["step"] <= checkpoint_step(last_checkpoint)]
         (output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     train_text = load_text(script.corpus)
@@ -468,11 +467,17 @@ def save_training_fillers(config: Any, train_blocks, output_dir: Path) -> None:
     save_filler_bank(build_filler_bank(candidates, n_rows, config.eos_token_id), output_dir, config.group_size)
 
 
-def train_or_reuse(script: ScriptArguments, args: MoTTrainingArguments, run=run_training) -> bool:
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The training step a Trainer checkpoint folder (`checkpoint-<step>`) was saved at."""
+    return int(Path(checkpoint).name.split("-")[-1])
+
+
+def train_or_reuse(script: ScriptArguments, args: MoTTrainingArguments, run=run_training) -> int | None:
     """`run(script, args)`, resuming from the last checkpoint in `args.output_dir` if there is one, unless that folder
-    already holds a finished run (its final `model.safetensors`). Sets `script.resume` accordingly; returns whether
-    it trained. The arguments are recorded in the folder, and a folder recorded with other arguments is refused
-    (`ValueError` naming them) instead of being resumed or reused as if it matched."""
+    already holds a finished run (its final `model.safetensors`). Sets `script.resume` accordingly; returns the step
+    training started from (0, or the checkpoint's step), or None when it reused a finished run. The arguments are
+    recorded in the folder, and a folder recorded with other arguments is refused (`ValueError` naming them) instead
+    of being resumed or reused as if it matched."""
     output_dir = Path(args.output_dir)
     recorded, current = output_dir / "run_arguments.json", _run_arguments(script, args)
     if recorded.exists():
@@ -485,13 +490,14 @@ def train_or_reuse(script: ScriptArguments, args: MoTTrainingArguments, run=run_
             )
     if (output_dir / "model.safetensors").exists():
         print(f"finished run found in {output_dir}, reusing it")
-        return False
-    script.resume = output_dir.is_dir() and get_last_checkpoint(str(output_dir)) is not None
+        return None
+    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    script.resume = last_checkpoint is not None
     print(f"training into {output_dir}" + " (resuming)" * script.resume)
     output_dir.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(current, indent=2) + "\n")
     run(script, args)
-    return True
+    return checkpoint_step(last_checkpoint) if script.resume else 0
 
 
 # The training arguments that change what a run computes (besides every ScriptArguments field but `resume`).

@@ -69,7 +69,7 @@ class ServerProcess:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return self
             except httpx.TransportError:
-                pass
+                pass  # not listening yet: poll again until the deadline
             time.sleep(0.1)
         pytest.fail(f"server not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
 
