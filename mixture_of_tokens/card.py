@@ -1,4 +1,4 @@
-"""Model cards for MoTGPT checkpoints, rendered with `huggingface_hub.ModelCard` from `model_cards/motgpt.md`."""
+"""Model cards for MoTGPT checkpoints, rendered with `huggingface_hub.ModelCard` from `templates/motgpt.md`."""
 
 from pathlib import Path
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_ids, tiny_config
+from helpers import random_ids, tiny_config
 
 from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.card import flops_per_token

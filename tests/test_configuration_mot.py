@@ -1,5 +1,5 @@
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from mixture_of_tokens import MoTGPTConfig
 

@@ -3,7 +3,7 @@ request into one row: models without groups give `generate`'s tokens through it,
 
 import pytest
 import torch
-from conftest import random_ids, tiny_config
+from helpers import random_ids, tiny_config
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from mixture_of_tokens import MoTGPTForCausalLM

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_ids, tiny_config
 from datasets import Dataset
+from helpers import random_ids, tiny_config
 
 from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.data import load_sotu, train_bpe_tokenizer
@@ -92,6 +92,10 @@ def test_batch_grouping_scores_full_groups_only():
     blocks = Dataset.from_dict({"input_ids": random_ids(7, 10).tolist()})
     result = evaluate_perplexity(model, blocks, batch_size=3)
     assert result["tokens"] == 6 * 9  # the seventh block would be a group of one
-    assert result == evaluate_perplexity(model, blocks.select(range(6)), batch_size=6)
+    other = evaluate_perplexity(model, blocks.select(range(6)), batch_size=6)
+    # Batches of 3 and 6 rows hold the same groups but run matmuls of other shapes: equal up to float rounding.
+    assert other["tokens"] == result["tokens"]
+    assert other["mean_nll"] == pytest.approx(result["mean_nll"], rel=1e-6)
+    assert other["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
     with pytest.raises(ValueError, match="fewer than one full group"):
         evaluate_perplexity(model, blocks.select(range(2)), batch_size=3)

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import merge_fsdp_weights
-from conftest import lay_out_hub_cache, run_without_package
+from helpers import free_port, lay_out_hub_cache, run_without_package, tiny_run
 from safetensors.torch import load_file
-from test_training import free_port, tiny_run
 from transformers import AutoModelForCausalLM
 
 from mixture_of_tokens.training import parse_args, preset_config, run_training

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import lay_out_hub_cache, random_ids, run_without_package, tiny_config, tiny_tokenizer
+from helpers import lay_out_hub_cache, random_ids, run_without_package, tiny_config, tiny_tokenizer
 from transformers import GenerationMixin, pipeline
 
 from mixture_of_tokens import MoTGPTForCausalLM

@@ -7,7 +7,7 @@ import sys
 import lm_eval
 import pytest
 import torch
-from conftest import tiny_config, tiny_tokenizer
+from helpers import tiny_config, tiny_tokenizer
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM

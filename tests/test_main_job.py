@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 
-from conftest import console_script
+from helpers import console_script
 
 
 def test_main_job_writes_the_report_with_perplexity_lm_eval_and_samples(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VOCAB_SIZE, random_ids, tiny_config
+from helpers import VOCAB_SIZE, random_ids, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 

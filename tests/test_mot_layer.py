@@ -1,8 +1,9 @@
-"""The MoT layer on its own: DESIGN.md section 4 invariants, against a plain per-group loop."""
+"""The MoT layer on its own: the invariants of docs/model.md ("What depends on the batch"), against a plain per-group
+loop written from the paper's formulas."""
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from mixture_of_tokens import MoTGPTForCausalLM, MoTLayer, mixing_weights
 
@@ -23,8 +24,9 @@ def random_mask(batch_size: int = B, seq_len: int = S, seed: int = 1) -> torch.T
 def reference_mot(
     layer: MoTLayer, x: torch.Tensor, mask: torch.Tensor, temperature: float, emit_over_experts: bool = False
 ) -> torch.Tensor:
-    """DESIGN.md section 1 written as plain loops over groups, positions and experts. With `emit_over_experts`, each
-    token receives the outputs with the softmax of its own logits over the experts (the authors' variant)."""
+    """The layer of Antoniak et al. written as plain loops over groups, positions and experts. With
+    `emit_over_experts`, each token receives the outputs with the softmax of its own logits over the experts (the
+    authors' variant)."""
     batch_size, seq_len, _ = x.shape
     out = torch.zeros_like(x)
     n_experts = layer.controller.shape[1]

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.data import load_sotu, train_bpe_tokenizer

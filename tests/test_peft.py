@@ -4,8 +4,8 @@ import random
 
 import pytest
 import torch
-from conftest import WORDS, random_ids, tiny_config, tiny_tokenizer
 from datasets import Dataset
+from helpers import WORDS, random_ids, tiny_config, tiny_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
 from trl import SFTConfig, SFTTrainer
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lay_out_hub_cache, run_without_package, tiny_config
+from helpers import lay_out_hub_cache, run_without_package, tiny_config
 from huggingface_hub import ModelCard
 
 from mixture_of_tokens import MoTGPTForCausalLM

@@ -3,7 +3,7 @@
 import json
 
 import torch
-from conftest import lay_out_hub_cache, random_ids, run_without_package, tiny_config
+from helpers import lay_out_hub_cache, random_ids, run_without_package, tiny_config
 
 from mixture_of_tokens import MoTGPTForCausalLM
 

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import tiny_config, tiny_tokenizer
+from helpers import tiny_config, tiny_tokenizer
 
 from mixture_of_tokens import MoTGPTForCausalLM, serving
 from mixture_of_tokens.fillers import load_filler_bank, save_filler_bank

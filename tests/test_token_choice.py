@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_ids, tiny_config
+from helpers import random_ids, tiny_config
 
 from mixture_of_tokens import MoTGPTForCausalLM, modeling_mot
 from mixture_of_tokens.card import flops_per_token

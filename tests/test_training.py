@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import console_script
+from helpers import console_script, free_port, tiny_run
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -16,17 +16,6 @@ from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.training import check_groups, finetune_main, parse_args, preset_config, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = ["n_layer=1", "n_embd=32", "n_head=2", "n_experts=4", "group_size=4"]
-
-
-def tiny_run(corpus, output_dir, *extra: str) -> list[str]:
-    return [
-        "--corpus", corpus["train"], "--validation", corpus["valid"], "--data_cache_dir", corpus["cache"],
-        "--vocab_size", "300", "--block_size", "32", "--output_dir", str(output_dir),
-        "--model", *TINY_MODEL, "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-        "--max_eval_blocks", "16", "--logging_steps", "2", "--disable_tqdm", "true", "--seed", "3",
-        *extra,
-    ]  # fmt: skip
 
 
 def test_short_run_lowers_the_loss_and_writes_its_outputs(corpus, tmp_path):
@@ -132,14 +121,6 @@ def test_finetune_script_tunes_a_non_mot_checkpoint_on_a_text_file(corpus, tmp_p
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
     assert isinstance(tuned, GPT2LMHeadModel)
     assert not torch.equal(tuned.transformer.h[0].mlp.c_fc.weight, gpt2.transformer.h[0].mlp.c_fc.weight)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 LAUNCHERS = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lay_out_hub_cache, random_ids, run_without_package, speech_corpus, tiny_config
+from helpers import lay_out_hub_cache, random_ids, run_without_package, speech_corpus, tiny_config
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,

@@ -4,8 +4,8 @@ import random
 
 import pytest
 import torch
-from conftest import WORDS, tiny_config, tiny_tokenizer
 from datasets import Dataset
+from helpers import WORDS, tiny_config, tiny_tokenizer
 from trl import SFTConfig, SFTTrainer
 
 from mixture_of_tokens import MoTGPTForCausalLM
