@@ -1,0 +1,67 @@
+"""OpenAI-compatible HTTP server for MoTGPT that forms the MoT groups itself: `mot-serve CHECKPOINT`.
+
+A MoT model's output for one row depends on the other rows of its group (`config.group_size` consecutive batch rows),
+so the way a server batches requests is part of every answer. This one queues the requests and decodes them together
+in batches made of whole groups, in one of two modes (`--grouping`):
+
+- `isolated` (default): each prompt gets a group of its own, completed with `group_size - 1` filler rows (the
+  checkpoint's filler bank, see `mixture_of_tokens.fillers`) that are fed their own text. Its answer depends only on
+  its prompt, its parameters and its seed, never on other requests or on the load: greedy, it is the completion of
+  `model.generate(prompt, group_fillers=bank)`.
+- `shared`: the prompts admitted together fill groups among themselves; fillers complete only the last group. Up to
+  `group_size` times fewer rows per request, but an answer depends on the requests that shared its group.
+
+Models that need no groups (`config.uses_groups` False: dense, Token Choice, transition-tuned) are batched plainly.
+
+A request is validated in `protocol.py`, queued and grouped in `engine.py`, answered in `api.py`; `cli.py` is the
+command. The model lives in one worker thread, the [`Engine`]; the HTTP handlers hand it [`Job`]s (one per prompt) and
+read its [`Event`]s back. Requests join the running batch as new groups (their prompts are run as a batch of their own,
+then their cache is appended), and a group leaves the batch when its last request is done.
+
+The engine needs neither FastAPI nor pydantic: importing this package loads only it, and `create_app` and `main`
+(which need the `serve` extra) are loaded when first used.
+"""
+
+import importlib
+
+from .engine import (
+    GROUPINGS,
+    Batch,
+    Engine,
+    Event,
+    Job,
+    QueueFull,
+    Row,
+    SamplingParams,
+    TextStream,
+    TokenInfo,
+    choose_token,
+    merge_batches,
+)
+
+# The names of the HTTP side and the module that holds each, imported on first use (see the docstring).
+_HTTP_NAMES = {"create_app": ".api", "main": ".cli"}
+
+
+def __getattr__(name: str):
+    if name in _HTTP_NAMES:
+        return getattr(importlib.import_module(_HTTP_NAMES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "GROUPINGS",
+    "Batch",
+    "Engine",
+    "Event",
+    "Job",
+    "QueueFull",
+    "Row",
+    "SamplingParams",
+    "TextStream",
+    "TokenInfo",
+    "choose_token",
+    "create_app",
+    "main",
+    "merge_batches",
+]
