@@ -12,15 +12,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, time_generation, write_json
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,15 +53,6 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     # The dense twin: GPT-2's own model, its MLP as wide as the MoT layer's FLOP-matched width d_ff.
     dense = GPT2LMHeadModel(GPT2Config(n_inner=mot.config.d_ff, activation_function="relu", **shared))
     return {"motgpt": mot.eval(), "gpt2": dense.eval()}
-
-
-@torch.no_grad()
-def time_generation(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> float:
-    start = time.perf_counter()
-    out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    elapsed = time.perf_counter() - start
-    assert out.shape[1] == prompts.shape[1] + new_tokens
-    return elapsed
 
 
 def plot(results: dict, path: Path) -> None:
@@ -138,8 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or "unknown"},
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, out)
     plot(results, out.with_suffix(".png"))
     return results
 

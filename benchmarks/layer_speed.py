@@ -14,23 +14,17 @@ Usage, from the repository root:
 """
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import interleaved_times, machine_info, median_ratio, write_json
 from torch import nn
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP  # noqa: E402
-
-from mixture_of_tokens import MoTGPTConfig  # noqa: E402
-from mixture_of_tokens.modeling_mot import EXPERT_LAYERS  # noqa: E402
+from mixture_of_tokens import MoTGPTConfig
+from mixture_of_tokens.modeling_mot import EXPERT_LAYERS
 
 GROUP_SIZE = 32
 SETTINGS = [(256, 32), (256, 256), (512, 32), (512, 256)]  # (n_embd, n_experts)
@@ -65,65 +59,16 @@ def build_layers(d: int, n_experts: int, layer_types: tuple[str, ...] = LAYER_TY
     return layers
 
 
-def make_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+def make_layer_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
     """One training step of the layer alone: forward, then backward into its parameters and its input."""
 
     def step() -> None:
         for tensor in (x, *layer.parameters()):
             tensor.grad = None
         out = layer(x)
-        (out[0] if isinstance(out, tuple) else out).backward(grad)
+        out.backward(grad)
 
     return step
-
-
-def other_cpu_seconds() -> float:
-    """CPU seconds used so far by all processes but this one (Linux; 0 where /proc/stat is missing)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(t) for t in f.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    own = os.times()
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK") - own.user - own.system
-
-
-def timed(step: Callable[[], None], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - start)
-
-
-def interleaved_times(
-    steps: dict[str, Callable[[], None]], device: str, repeats: int, warmup: int
-) -> tuple[dict[str, list[float]], int]:
-    """Milliseconds of each step over `repeats` rounds after `warmup`, all steps run once per round in alternating
-    order, so drifts of the machine hit them alike. A round during which other processes used the CPU is redone
-    (up to 3 * repeats times). Returns the times and the number of rounds redone."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    done = discarded = 0
-    while done < warmup + repeats:
-        order = list(steps) if done % 2 == 0 else list(reversed(steps))
-        other, wall = other_cpu_seconds(), time.perf_counter()
-        round_ms = {name: timed(steps[name], device) for name in order}
-        other, wall = other_cpu_seconds() - other, time.perf_counter() - wall
-        if done >= warmup and other > 0.1 * wall + 0.02 and discarded < 3 * repeats:
-            discarded += 1  # other processes took CPU time during this round: redo it
-            continue
-        if done >= warmup:
-            for name, ms in round_ms.items():
-                times[name].append(ms)
-        done += 1
-    return times, discarded
-
-
-def median_ratio(times: list[float], reference: list[float]) -> float:
-    """The median of the per-round ratios: it cancels drifts of the machine's speed better than a ratio of medians."""
-    return statistics.median(a / b for a, b in zip(times, reference, strict=True))
 
 
 def time_setting(
@@ -134,34 +79,17 @@ def time_setting(
     x = torch.randn(batch, seq_len, d, device=device, requires_grad=True)
     grad = torch.randn(batch, seq_len, d, device=device)
     layers = build_layers(d, n_experts, layer_types)
-    steps = {name: make_step(layer.to(device), x, grad) for name, layer in layers.items()}
+    steps = {name: make_layer_step(layer.to(device), x, grad) for name, layer in layers.items()}
     times, discarded = interleaved_times(steps, device, repeats, warmup)
     return {
         "n_embd": d,
         "n_experts": n_experts,
-        "expert_size": {name: layer.w_in.shape[-1] for name, layer in layers.items() if name != "dense"},
+        "expert_size": {name: layer.experts.up_proj.shape[-1] for name, layer in layers.items() if name != "dense"},
         "ms": {name: round(statistics.median(t), 3) for name, t in times.items()},
         "ratio_to_dense": {
             name: round(median_ratio(t, times["dense"]), 4) for name, t in times.items() if name != "dense"
         },
         "discarded_rounds": discarded,
-    }
-
-
-def machine_info() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "load_average_1m": round(os.getloadavg()[0], 2),  # other processes on the machine make timings noisy
     }
 
 
@@ -226,8 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
         "results": results,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, out)
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and its .png chart")
     return report

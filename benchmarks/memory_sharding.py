@@ -31,17 +31,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from layer_speed import machine_info
+from common import RESULTS, machine_info, write_json
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM  # noqa: E402
-from mixture_of_tokens.training import parse_args as parse_training_args  # noqa: E402
-from mixture_of_tokens.training import preset_config, run_training  # noqa: E402
+from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM
+from mixture_of_tokens.presets import preset_config
+from mixture_of_tokens.training import parse_args as parse_training_args
+from mixture_of_tokens.training import run_training
 
-RESULTS = Path(__file__).parent / "results"
 STRATEGIES = {"ddp": [], "fsdp": ["--fsdp"]}
 PROCESSES = 2
 KINDS = ("parameters", "gradients", "optimizer_state")  # what each process counts
@@ -57,7 +56,6 @@ PAPER_MODELS = {
 # 8 devices (one group each, the most devices it allows), 4 times that batch on 8 devices, and 32 devices.
 COMMUNICATION_SETTINGS = [(8, 1), (8, 4), (32, 1)]
 QUICK_MODEL = dict(n_layer=2, n_embd=64, n_head=2, n_experts=16, group_size=8)
-EXPERT_WEIGHTS = ("w_in", "w_out", "b_in", "b_out")  # a MoT layer's weights besides its controller
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,7 +170,7 @@ def count(shapes: dict[str, tuple[int, ...]], keep=lambda name: True) -> int:
 
 
 def is_expert_weight(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in EXPERT_WEIGHTS
+    return ".mlp.experts." in name  # a MoT layer's weights besides its router
 
 
 def fsdp_bytes_per_process(shapes: dict[str, tuple[int, ...]], processes: int) -> int:
@@ -304,8 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, out)
     plot(results, out.with_suffix(".png"))
     for strategy, reports in measured.items():
         for rank, report in enumerate(reports):

@@ -2,7 +2,7 @@
 uniform-routing MoT, Token Choice (with its load-balancing loss) and Expert Choice, trained on the same tokens with
 the same schedule and scored on the same 2,048 held-out blocks.
 
-A benchmark, not a test. Every run trains one variant (`VARIANTS`) of a backbone (`tiny`: 4 blocks, d 128, G 16;
+A benchmark, not a test. Every run trains one variant (`common.VARIANTS`) of a backbone (`tiny`: 4 blocks, d 128, G 16;
 `medium`: the paper's 8 blocks, d 512, G 32, experts in the second half) with `mot-train`'s code path on the
 bundled State of the Union corpus, and evaluates its validation loss every `--eval_steps` steps on `--eval_blocks`
 held-out blocks drawn in a fixed shuffled order (every held-out speech, MoT groups of blocks of different speeches,
@@ -26,47 +26,16 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, VARIANTS, variant_config, variant_model, write_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mixture_of_tokens.card import flops_per_token, parameter_counts  # noqa: E402
-from mixture_of_tokens.training import (  # noqa: E402
-    MoTTrainingArguments,
-    ScriptArguments,
-    preset_config,
-    train_or_reuse,
-    validation_curve,
-)
+from mixture_of_tokens.card import flops_per_token, parameter_counts
+from mixture_of_tokens.run_log import train_or_reuse, validation_curve
+from mixture_of_tokens.training import MoTTrainingArguments, ScriptArguments, run_training
 
-RESULTS = Path(__file__).parent / "results"
-# Variant -> (preset family, config overrides). "k" is the paper's mixtures per expert, E / G (the overrides get
-# n_experts = k * G of the backbone); a MoT expert is then d_ff / k wide, so each variant spends the dense MLP's
-# expert FLOPs per token, plus MoT's controller and mixing (about 3 * E * d per token and layer, reported as the
-# FLOPs ratio). Token and Expert Choice use E = G experts of width d_ff and one expert per token. Every MLP uses
-# ReLU (the presets' rule, the paper's experts) and, but for `dense_gpt2_init`, the experts' init rule.
-VARIANTS = {
-    "dense": ("dense", {}),
-    "dense_gpt2_init": ("dense", {"mlp_init": "gpt2"}),  # GPT-2's init of the MLP (std 0.02, scaled output weights)
-    "mot_k1": ("mot", {"k": 1}),  # E = G: one mixture per expert (the paper's MoT-Medium/32E/1)
-    "mot_k2": ("mot", {"k": 2}),
-    "mot_k8": ("mot", {"k": 8}),
-    "mot_k16": ("mot", {"k": 16}),  # the authors' proof-of-concept regime: k 16, T 1
-    "mot_k16_t0.1": ("mot", {"k": 16, "router_temperature": 0.1}),
-    "mot_k16_learned_t": ("mot", {"k": 16, "learnable_temperature": "layer"}),
-    "mot_k16_second_half": ("mot", {"k": 16, "mot_layers": "second_half"}),
-    "mot_k16_second_half_t0.1": ("mot", {"k": 16, "mot_layers": "second_half", "router_temperature": 0.1}),
-    "mot_k16_emit_experts": ("mot", {"k": 16, "mot_emit_weights": "experts"}),
-    "uniform_mot_k16": ("mot", {"k": 16, "ffn_type": "uniform_mot"}),
-    "token_choice": (
-        "mot",
-        {"k": 1, "ffn_type": "token_choice", "capacity_factor": 1.25, "output_router_logits": True},
-    ),
-    "expert_choice": ("mot", {"k": 1, "ffn_type": "expert_choice"}),
-}
 # Tuned: every model type at each learning rate. MoT is tuned in the authors' regime (k 16) at T 1 and at T 0.1; the
 # better of the two lends its rate to every other MoT variant, dense to dense_gpt2_init.
 MOT_TUNED = ("mot_k16", "mot_k16_t0.1")
@@ -109,15 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for key, value in QUICK.items():
             setattr(args, key, value)
     return args
-
-
-def variant_config(variant: str, backbone: str) -> dict:
-    """The (preset, config overrides) of a variant on a backbone, with "k" resolved to n_experts = k * G."""
-    family, overrides = VARIANTS[variant]
-    overrides = {"mlp_init": "experts"} | overrides
-    if "k" in overrides:
-        overrides["n_experts"] = overrides.pop("k") * preset_config(f"mot-{backbone}").group_size
-    return {"preset": f"{family}-{backbone}", "overrides": overrides}
 
 
 def run_id(variant: str, learning_rate: float, seed: int, steps: int) -> str:
@@ -168,7 +128,8 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
     )
     print(f"[quality] {name}: {steps} steps", flush=True)
     tick = time.time()
-    started_at = train_or_reuse(script, training_args)  # a resumed run is timed from its checkpoint's step on
+    # A resumed run is timed from its checkpoint's step on.
+    started_at = train_or_reuse(script, training_args, run_training)
     seconds = time.time() - tick
     model = variant_model(spec, json.loads((output_dir / "config.json").read_text())["vocab_size"], args.block_size)
     total, active = parameter_counts(model)
@@ -191,8 +152,7 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
         "timed_from_step": steps if started_at is None else started_at,
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()},
     }
-    curve_file.parent.mkdir(parents=True, exist_ok=True)
-    curve_file.write_text(json.dumps(record, indent=1) + "\n")
+    write_json(record, curve_file)
     return record
 
 
@@ -211,15 +171,6 @@ def run_settings(args: argparse.Namespace) -> dict:
     """The benchmark settings that change what a run computes, besides its variant, rate, seed and steps."""
     keys = ("block_size", "batch_size", "eval_blocks", "corpus", "validation", "vocab_size", "device", "bf16")
     return {key: getattr(args, key) for key in keys}
-
-
-def variant_model(spec: dict, vocab_size: int, block_size: int):
-    """A fresh model of a `variant_config` spec, sized to the vocabulary and block."""
-    from mixture_of_tokens import MoTGPTForCausalLM
-
-    return MoTGPTForCausalLM(
-        preset_config(spec["preset"], vocab_size=vocab_size, n_positions=block_size, **spec["overrides"])
-    )
 
 
 def load_curves(curves_dir: str | Path, backbone: str) -> dict[str, dict]:
@@ -497,8 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
                  | {"final_validation_loss": final_loss(record)} for name, record in curves.items()},
     }  # fmt: skip
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(results, out)
     plot(curves, results["summary"], args, out.with_suffix(".png"))
     for variant, entry in results["summary"]["final"].items():
         loss = entry["final_validation_loss"]

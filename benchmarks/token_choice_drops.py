@@ -18,22 +18,18 @@ Writes `--out` (JSON) and the same name with `.png`.
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+# The quality benchmark itself, not only what the benchmarks share: this one measures that benchmark's run, found (or
+# trained when missing) by that benchmark's own run ids, learning-rate tuning and training.
+import quality
 import torch
+from common import RESULTS, machine_info, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-import quality  # noqa: E402
-from layer_speed import machine_info  # noqa: E402
-from transition import write_json  # noqa: E402
-
-from mixture_of_tokens.data import head, load_sotu, pack  # noqa: E402
-from mixture_of_tokens.modeling_mot import TokenChoiceLayer  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+from mixture_of_tokens.data import head, load_sotu, pack
+from mixture_of_tokens.modeling_mot import TokenChoiceLayer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,9 +88,9 @@ def dropped_assignments(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, to
     dropped = []
     for layer, hidden_states in inputs:
         batch_size, seq_len, d = hidden_states.shape
-        _, chosen = layer.top_k(layer.router(hidden_states.reshape(-1, d)))
-        slot, capacity = layer.buffer_slots(chosen, torch.ones_like(chosen[:, 0], dtype=torch.bool), batch_size)
-        dropped.append(((slot >= capacity).view(batch_size, seq_len, -1), chosen.view(batch_size, seq_len, -1)))
+        _, chosen = layer.top_k(layer.router(hidden_states))
+        kept = layer.within_capacity(chosen, None, batch_size)
+        dropped.append(((~kept).view(batch_size, seq_len, -1), chosen.view(batch_size, seq_len, -1)))
     return dropped
 
 
@@ -166,7 +162,6 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(results, out)
     plot(results, out.with_suffix(".png"))
     for measurement in results["measurements"]:

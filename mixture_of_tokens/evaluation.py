@@ -21,6 +21,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .data import load_kjv, load_sotu, load_text, pack, sample_blocks
+
 GROUPINGS = ("batch", "single", "fillers")
 METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity" / "perplexity.py"
 
@@ -106,8 +108,6 @@ def evaluate_on_corpora(
 ) -> dict:
     """Perplexity on the held-out State of the Union speeches (`validation`), the King James Bible (`kjv`, out of
     domain) and optionally `extra_text`, for each grouping; fillers are the first training blocks."""
-    from .data import load_kjv, load_sotu, pack, sample_blocks
-
     sotu = load_sotu()
     corpora = {"validation": sotu["validation"], "kjv": load_kjv()}
     if extra_text is not None:
@@ -147,8 +147,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Load the checkpoint `args.model` and its tokenizer and evaluate them as `args` says."""
-    from .data import load_text
-
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     return {"model": str(args.model)} | evaluate_on_corpora(

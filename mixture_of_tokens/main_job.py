@@ -20,13 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from .card import flops_per_token, parameter_counts, render_model_card
 from .evaluation import evaluate_on_corpora
 from .fillers import load_filler_bank
-from .training import (
-    MoTTrainingArguments,
-    ScriptArguments,
-    plot_loss_curves,
-    read_metrics,
-    train_or_reuse,
-)
+from .run_log import plot_loss_curves, read_metrics, train_or_reuse
+from .training import MoTTrainingArguments, ScriptArguments, run_training
 
 LM_EVAL_TASKS = ("sotu_cloze", "sotu_perplexity")
 PROMPTS = [
@@ -78,7 +73,7 @@ def train(preset: str, args: argparse.Namespace) -> Path:
         seed=args.seed,
     )
     print(f"[main] {preset}: {args.max_steps} steps")
-    train_or_reuse(script, training_args)
+    train_or_reuse(script, training_args, run_training)
     return output_dir
 
 
@@ -95,6 +90,7 @@ def generate_samples(run: Path, prompts: list[str]) -> list[dict]:
 def lm_eval_scores(run: Path, batch_size: int, limit: int | None = None) -> dict:
     """The run's scores on the package's offline lm-eval tasks through the `motgpt` model (each MoT request in a group
     of its own with the run's fillers), as `mot-lm-eval` computes them."""
+    # Imported here: lm-eval (which `lm_eval_model` imports too) is the optional `lm-eval` extra, and slow to import.
     import lm_eval
     from lm_eval.tasks import TaskManager
 

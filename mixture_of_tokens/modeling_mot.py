@@ -14,6 +14,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -25,7 +26,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_mot import MoTGPTConfig, _is_number
+from .configuration_mot import MoTGPTConfig, is_number
 
 logger = logging.get_logger(__name__)
 
@@ -34,7 +35,7 @@ TINY_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 def check_router_temperature(router_temperature: float | None) -> None:
     """Refuse a per-call temperature that is not a number >= 0 (`None` means "use the model's own")."""
-    if router_temperature is not None and not (_is_number(router_temperature) and router_temperature >= 0):
+    if router_temperature is not None and not (is_number(router_temperature) and router_temperature >= 0):
         raise ValueError(
             f"`router_temperature` must be None (use the config's) or a number >= 0 (0 = discrete routing), "
             f"got {router_temperature!r}."
@@ -98,16 +99,16 @@ def expert_softmax_weights(
     return weights if token_mask is None else weights * token_mask
 
 
-def check_token_mask(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor | None:
+def check_token_mask(token_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor | None:
     """The `(batch_size, seq_len)` bool mask of real tokens (None stays None: all real), after checking its shape."""
-    if attention_mask is None:
+    if token_mask is None:
         return None
-    if attention_mask.shape != hidden_states.shape[:2]:
+    if token_mask.shape != hidden_states.shape[:2]:
         raise ValueError(
-            f"`attention_mask` of an expert layer must have shape (batch_size, seq_len) = "
-            f"{tuple(hidden_states.shape[:2])}, got {tuple(attention_mask.shape)}."
+            f"`token_mask` of an expert layer must have shape (batch_size, seq_len) = "
+            f"{tuple(hidden_states.shape[:2])}, got {tuple(token_mask.shape)}."
         )
-    return attention_mask.bool()
+    return token_mask.bool()
 
 
 def _is_packed(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> bool:
@@ -122,134 +123,150 @@ def _is_packed(position_ids: torch.Tensor | None, attention_mask: torch.Tensor |
     return bool(restart.any())
 
 
-# Dtypes of torch's grouped matmul kernel (`torch.nn.functional.grouped_mm`, torch >= 2.10); under torch.compile it
-# takes bfloat16 only. Its operands' rows must also span multiples of 16 bytes.
-GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+class Router(nn.Module):
+    """The controller of an expert layer: one logit per expert for each token, `x @ weight (+ bias)`.
 
+    `weight` is `(n_embd, n_experts)`, stored input-first like the experts' transposed weights; `bias` `(n_experts,)`
+    exists only for Token Choice with `config.router_bias`. The logits come out flattened to `(n_tokens, n_experts)`,
+    as Mixtral's router logits, which the model returns (`output_router_logits`) and MoE tools read."""
 
-def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """Each expert's weight matrix applied to its own rows only.
-
-    Args:
-        rows: `(n_rows, in_features)`, sorted by expert: expert 0's rows first, then expert 1's, and so on.
-        weight: `(n_experts, in_features, out_features)`.
-        tokens_per_expert: `(n_experts,)` integer number of rows of each expert, summing to `n_rows`.
-
-    Returns:
-        `(n_rows, out_features)`: every row times its expert's matrix.
-    """
-    # The kernel is not autocast-aware: under autocast, rows (a LayerNorm output) may be float32 and weights bfloat16.
-    rows = rows.to(weight.dtype)
-    kernel = rows.dtype == torch.bfloat16 or (rows.dtype in GROUPED_MM_DTYPES and not torch.compiler.is_compiling())
-    aligned = all(size * rows.element_size() % 16 == 0 for size in weight.shape[1:])
-    if kernel and aligned and hasattr(nn.functional, "grouped_mm"):
-        return nn.functional.grouped_mm(rows, weight, offs=tokens_per_expert.cumsum(0, dtype=torch.int32))
-    # Elsewhere (float64, odd widths, older torch, torch.compile below bfloat16): one matmul per expert, on its rows.
-    chunks = rows.split(tokens_per_expert.tolist())
-    return torch.cat([chunk @ matrix for chunk, matrix in zip(chunks, weight, strict=True)])
-
-
-class ExpertLayer(nn.Module):
-    """What every expert layer here shares: a controller (router) `(n_embd, n_experts)` and stacked expert MLPs
-    `w_in` `(n_experts, n_embd, f)`, `w_out` `(n_experts, f, n_embd)`, with `expert_bias` also `b_in` `(n_experts, f)`
-    and `b_out` `(n_experts, n_embd)`. Subclasses decide which tokens (or mixtures) each expert processes."""
-
-    def __init__(self, config: MoTGPTConfig, with_controller: bool = True):
+    def __init__(self, config: MoTGPTConfig, bias: bool = False):
         super().__init__()
-        d, n_experts, f = config.n_embd, config.n_experts, config.expert_size_resolved
-        self.group_size = config.group_size
-        self.controller = nn.Parameter(torch.empty(d, n_experts)) if with_controller else None
-        self.w_in = nn.Parameter(torch.empty(n_experts, d, f))
-        self.w_out = nn.Parameter(torch.empty(n_experts, f, d))
+        self.weight = nn.Parameter(torch.empty(config.n_embd, config.n_experts))
+        self.bias = nn.Parameter(torch.zeros(config.n_experts)) if bias else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = hidden_states.reshape(-1, hidden_states.shape[-1]) @ self.weight
+        return logits if self.bias is None else logits + self.bias
+
+
+class BatchedExperts(nn.Module):
+    """`n_experts` MLPs of width f stored as 3-D weights, input-first (transformers' "transposed" layout):
+    `up_proj` `(n_experts, n_embd, f)`, `down_proj` `(n_experts, f, n_embd)` and, with `config.expert_bias`,
+    `up_proj_bias` `(n_experts, f)` and `down_proj_bias` `(n_experts, n_embd)`. Called on one row block per expert
+    (MoT's mixtures, Expert Choice's picks), all experts in one batched matmul."""
+
+    def __init__(self, config: MoTGPTConfig):
+        super().__init__()
+        d, self.num_experts, f = config.n_embd, config.n_experts, config.expert_size_resolved
+        self.up_proj = nn.Parameter(torch.empty(self.num_experts, d, f))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, f, d))
         if config.expert_bias:
-            self.b_in = nn.Parameter(torch.zeros(n_experts, f))
-            self.b_out = nn.Parameter(torch.zeros(n_experts, d))
+            self.up_proj_bias = nn.Parameter(torch.zeros(self.num_experts, f))
+            self.down_proj_bias = nn.Parameter(torch.zeros(self.num_experts, d))
         else:
-            self.b_in = self.b_out = None
-        self.act = ACT2FN[config.expert_activation]
-        self.dropout = nn.Dropout(config.resid_pdrop)
+            self.up_proj_bias = self.down_proj_bias = None
+        self.act_fn = ACT2FN[config.expert_activation]
 
-    def to_groups(
-        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cut the batch into groups of `group_size` consecutive rows: `(n_groups, group_size, seq_len, n_embd)`, and
-        the mask `(n_groups, group_size, seq_len, 1)`. The empty slots of a smaller last group are padding, masked;
-        the mask stays None when every token is real and every group full."""
-        batch_size, seq_len, d = hidden_states.shape
-        pad = -batch_size % self.group_size
-        if pad:
-            if token_mask is None:
-                token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
-            hidden_states = nn.functional.pad(hidden_states, (0, 0, 0, 0, 0, pad))
-            token_mask = nn.functional.pad(token_mask, (0, 0, 0, pad), value=False)
-        x = hidden_states.view(-1, self.group_size, seq_len, d)
-        return x, None if token_mask is None else token_mask.view(-1, self.group_size, seq_len, 1)
-
-    def experts(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each expert's MLP on its own tokens: `(n_experts, n_tokens, n_embd)` -> the same shape."""
-        hidden = torch.bmm(tokens, self.w_in)
-        if self.b_in is not None:
-            hidden = hidden + self.b_in[:, None, :]
-        out = torch.bmm(self.activation(hidden), self.w_out)
-        return out if self.b_out is None else out + self.b_out[:, None, :]
+        hidden = torch.bmm(tokens, self.up_proj)
+        if self.up_proj_bias is not None:
+            hidden = hidden + self.up_proj_bias[:, None, :]
+        out = torch.bmm(self.activation(hidden), self.down_proj)
+        return out if self.down_proj_bias is None else out + self.down_proj_bias[:, None, :]
 
     def activation(self, hidden: torch.Tensor) -> torch.Tensor:
         """The experts' activation on the output of their first matmul."""
         # In place for ReLU (saves a buffer): its backward needs only its output, and the matmul's not `hidden`.
-        return torch.relu_(hidden) if type(self.act) is nn.ReLU else self.act(hidden)
+        return torch.relu_(hidden) if type(self.act_fn) is nn.ReLU else self.act_fn(hidden)
 
 
-class MoTLayer(ExpertLayer):
+@use_experts_implementation(is_transposed=True, has_gate=False)
+class TokenChoiceExperts(BatchedExperts):
+    """Token Choice's experts, behind transformers' experts interface: `config._experts_implementation` picks the
+    forward ("grouped_mm" by default: the routed rows sorted by expert, one grouped matmul; "batched_mm"; or "eager",
+    the loop below). The weights are [`BatchedExperts`]'; each token's k rows are computed by their experts only."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """`hidden_states` `(n_tokens, n_embd)`, each token's experts and gates `(n_tokens, k)` -> the gate-weighted
+        sum of its experts' outputs, `(n_tokens, n_embd)`."""
+        update = torch.zeros_like(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == expert)
+            hidden = hidden_states[token] @ self.up_proj[expert]
+            if self.up_proj_bias is not None:
+                hidden = hidden + self.up_proj_bias[expert]
+            out = self.activation(hidden) @ self.down_proj[expert]
+            if self.down_proj_bias is not None:
+                out = out + self.down_proj_bias[expert]
+            update.index_add_(0, token, (out * top_k_weights[token, slot, None]).to(update.dtype))
+        return update
+
+
+def to_groups(
+    tensor: torch.Tensor, token_mask: torch.Tensor | None, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cut `(batch_size, seq_len, c)` into groups of `group_size` consecutive rows: `(n_groups, group_size, seq_len,
+    c)`, and the mask `(n_groups, group_size, seq_len, 1)`. The empty slots of a smaller last group are padding,
+    masked; the mask stays None when every token is real and every group full."""
+    batch_size, seq_len, channels = tensor.shape
+    pad = -batch_size % group_size
+    if pad:
+        if token_mask is None:
+            token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=tensor.device)
+        tensor = nn.functional.pad(tensor, (0, 0, 0, 0, 0, pad))
+        token_mask = nn.functional.pad(token_mask, (0, 0, 0, pad), value=False)
+    grouped = tensor.view(-1, group_size, seq_len, channels)
+    return grouped, None if token_mask is None else token_mask.view(-1, group_size, seq_len, 1)
+
+
+class MoTLayer(nn.Module):
     """Mixture of Tokens feed-forward layer, a drop-in replacement for the GPT-2 MLP.
 
-    Parameters: those of [`ExpertLayer`] and, with a learnable temperature, `log_temperature` `(1,)` (per layer) or
-    `(n_experts,)` (per expert). With `ffn_type="uniform_mot"` there is no controller: all logits are equal and each
-    expert receives the plain average of its group's tokens (the paper's ablation).
+    Roles: `router` ([`Router`], the controller; None with `ffn_type="uniform_mot"`, whose logits are all equal, so
+    that each expert receives the plain average of its group's tokens: the paper's ablation) and `experts`
+    ([`BatchedExperts`], one mixture per expert per group and position). With a learnable temperature, also
+    `log_temperature` `(1,)` (per layer) or `(n_experts,)` (per expert).
     """
 
     def __init__(self, config: MoTGPTConfig):
-        super().__init__(config, with_controller=config.ffn_type != "uniform_mot")
-        n_experts = config.n_experts
+        super().__init__()
+        self.group_size = config.group_size
+        self.router = Router(config) if config.ffn_type != "uniform_mot" else None
+        self.experts = BatchedExperts(config)
         self.emit_weights = config.mot_emit_weights
         self.temperature = float(config.router_temperature)
         if config.learnable_temperature != "none":
-            n_temperatures = 1 if config.learnable_temperature == "layer" else n_experts
+            n_temperatures = 1 if config.learnable_temperature == "layer" else config.n_experts
             self.log_temperature = nn.Parameter(torch.full((n_temperatures,), math.log(self.temperature)))
         else:
             self.log_temperature = None
+        self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
         router_temperature: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        **kwargs,
+    ) -> torch.Tensor:
         """
         Args:
             hidden_states: `(batch_size, seq_len, n_embd)`.
-            attention_mask: `(batch_size, seq_len)`, 1 for real tokens and 0 for padding; `None` means all real.
+            token_mask: `(batch_size, seq_len)`, 1 for real tokens and 0 for padding; `None` means all real.
             router_temperature: overrides the layer's temperature (fixed or learned) for this call; 0 = discrete.
 
         Returns:
-            The update to add to the residual stream, `(batch_size, seq_len, n_embd)`, and the controller logits,
-            `(batch_size * seq_len, n_experts)` (flattened, as Mixtral's router logits, which MoE tools read).
+            The update to add to the residual stream, `(batch_size, seq_len, n_embd)`.
         """
         check_router_temperature(router_temperature)
         batch_size, seq_len, d = hidden_states.shape
-        n_experts = self.w_in.shape[0]
-        token_mask = check_token_mask(attention_mask, hidden_states)  # None: the cheap path, e.g. packed training
+        n_experts = self.experts.num_experts
+        token_mask = check_token_mask(token_mask, hidden_states)  # None: the cheap path, e.g. packed training
         x = hidden_states
         if token_mask is not None:
             # Zero weight times a non-finite padding state would still be NaN: clear masked tokens first.
             x = x.masked_fill(~token_mask[..., None], 0.0)
-        x, token_mask = self.to_groups(x, token_mask)
-        n_groups, group_size = x.shape[:2]
-        n_slots = n_groups * group_size
-
-        if self.controller is None:
-            router_logits = x.new_zeros(*x.shape[:-1], n_experts)
+        if self.router is None:
+            router_logits = x.new_zeros(batch_size, seq_len, n_experts)
         else:
-            router_logits = x @ self.controller
+            router_logits = self.router(x).view(batch_size, seq_len, n_experts)
+        x, grouped_mask = to_groups(x, token_mask, self.group_size)
+        router_logits, _ = to_groups(router_logits, None, self.group_size)
+        n_groups, group_size = x.shape[:2]
         temperature = self._temperature(router_temperature)
 
         # Mixing and redistribution are bmm's batched over (group, position). The weights and tokens are copied once
@@ -257,20 +274,16 @@ class MoTLayer(ExpertLayer):
         def per_position(t: torch.Tensor) -> torch.Tensor:  # (n_groups, G, seq_len, c) -> (n_groups * seq_len, G, c)
             return t.transpose(1, 2).reshape(n_groups * seq_len, group_size, -1)
 
-        weights = per_position(mixing_weights(router_logits, token_mask, temperature))
+        weights = per_position(mixing_weights(router_logits, grouped_mask, temperature))
         if self.emit_weights == "group":
             emit = weights
         else:
-            emit = per_position(expert_softmax_weights(router_logits, token_mask, temperature))
+            emit = per_position(expert_softmax_weights(router_logits, grouped_mask, temperature))
         x = per_position(x)
         mixed = torch.bmm(weights.transpose(1, 2), x).transpose(0, 1)  # (n_experts, n_groups * seq_len, d)
         update = torch.bmm(emit, self.experts(mixed).transpose(0, 1))  # (n_groups * seq_len, group_size, d)
-
-        update = update.view(n_groups, seq_len, group_size, d).transpose(1, 2).reshape(n_slots, seq_len, d)
-        router_logits = router_logits.view(n_slots, seq_len, n_experts)
-        if n_slots != batch_size:
-            update, router_logits = update[:batch_size], router_logits[:batch_size]
-        return self.dropout(update), router_logits.flatten(0, 1)
+        update = update.view(n_groups, seq_len, group_size, d).transpose(1, 2).reshape(-1, seq_len, d)
+        return self.dropout(update[:batch_size])
 
     def _temperature(self, router_temperature: float | None) -> float | torch.Tensor:
         # A positive T below float32's smallest normal number would round to 0 and give 0 / 0 = NaN for each group's
@@ -281,54 +294,49 @@ class MoTLayer(ExpertLayer):
         return 0.0 if temperature == 0 else max(temperature, TINY_TEMPERATURE)
 
 
-class TokenChoiceLayer(ExpertLayer):
-    """Token Choice MoE (Switch / Mixtral style): each real token goes to its `num_experts_per_tok` (k) most probable
-    experts, by a softmax over the experts of `x @ controller` (plus `router_bias` with `config.router_bias`), with
-    gates renormalized over them as `config.norm_topk_prob` says (by default when k is above 1).
+class TokenChoiceLayer(nn.Module):
+    """Token Choice MoE (Switch / Mixtral style): each token goes to its `num_experts_per_tok` (k) most probable
+    experts, by a softmax over the experts of its `router` logits (with `config.router_bias`, the router adds a
+    per-expert bias), with gates renormalized over them as `config.norm_topk_prob` says (by default when k is above
+    1). The `experts` ([`TokenChoiceExperts`]) compute each token's k rows.
 
-    - Without a capacity limit (`capacity_factor=None`) nothing is dropped and the experts compute only what is
-      routed: the (token, expert) assignments are sorted by expert and each expert multiplies its own rows
-      ([`grouped_mm`]), k rows per real token however unbalanced the router. A row's output depends on nothing but
+    - Without a capacity limit (`capacity_factor=None`) nothing is dropped. A row's output depends on nothing but
       itself, so cached decoding matches a full forward pass and the batch does not matter.
-    - With a limit, an expert takes at most `ceil(capacity_factor * n_real_tokens * k / n_experts)` assignments of
+    - With a limit, an expert keeps at most `ceil(capacity_factor * n_real_tokens * k / n_experts)` assignments of
       the batch: earlier positions first and, within a position, first choices before second ones; the rest are
-      dropped (no update). That keeps the layer causal, but the capacity depends on the batch's token count. Every
-      expert multiplies a buffer of `capacity` rows, full or not.
+      dropped (gate 0, so no update). That keeps the layer causal, but what is dropped depends on the batch's token
+      count. The experts still compute every assignment; only the kept ones count.
 
-    The load-balancing loss is computed by the model from the router logits."""
+    Padding tokens (`token_mask` 0) get gate 0 and no update. The load-balancing loss is computed by the model from
+    the router logits."""
 
     def __init__(self, config: MoTGPTConfig):
-        super().__init__(config)
+        super().__init__()
         self.num_experts_per_tok = config.num_experts_per_tok
         self.capacity_factor = config.capacity_factor
         norm = config.norm_topk_prob
         self.norm_topk_prob = config.num_experts_per_tok > 1 if norm is None else norm
-        self.router_bias = nn.Parameter(torch.zeros(config.n_experts)) if config.router_bias else None
+        self.router = Router(config, bias=config.router_bias)
+        self.experts = TokenChoiceExperts(config)
+        # `use_experts_implementation` fixes `has_bias` per class; here it is a config field.
+        self.experts.has_bias = config.expert_bias
+        self.dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, router_temperature=None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`hidden_states` `(batch_size, seq_len, n_embd)`, 0/1 `attention_mask` `(batch_size, seq_len)` ->
-        the update `(batch_size, seq_len, n_embd)` and the router logits `(batch_size * seq_len, n_experts)`.
-        `router_temperature` is accepted for a common signature and ignored."""
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """`hidden_states` `(batch_size, seq_len, n_embd)`, 0/1 `token_mask` `(batch_size, seq_len)` (None: all real)
+        -> the update `(batch_size, seq_len, n_embd)`."""
         batch_size, seq_len, d = hidden_states.shape
-        mask = check_token_mask(attention_mask, hidden_states)
-        real = hidden_states.new_ones(batch_size * seq_len, dtype=torch.bool) if mask is None else mask.flatten()
+        mask = check_token_mask(token_mask, hidden_states)
         x = hidden_states.reshape(-1, d)  # (n_tokens, d), row by row
-        router_logits = self.router(x)
-        gates, chosen = self.top_k(router_logits)
-        if self.capacity_factor is None:
-            token, gate, outputs = self.dropless_experts(x, gates, chosen, real)
-        else:
-            token, gate, outputs = self.buffered_experts(x, gates, chosen, *self.buffer_slots(chosen, real, batch_size))
-        weighted = outputs * gate[:, None].to(outputs.dtype)
-        update = weighted.new_zeros(x.shape).index_add(0, token, weighted)  # autocast: outputs may be bf16
-        return self.dropout(update.view_as(hidden_states)), router_logits
-
-    def router(self, x: torch.Tensor) -> torch.Tensor:
-        """Router logits `(n_tokens, n_experts)` of tokens `x` `(n_tokens, n_embd)`."""
-        logits = x @ self.controller
-        return logits if self.router_bias is None else logits + self.router_bias
+        if mask is not None:
+            x = x.masked_fill(~mask.flatten()[:, None], 0.0)  # a zero gate times a non-finite state is still NaN
+        gates, chosen = self.top_k(self.router(x))
+        if mask is not None:
+            gates = gates * mask.flatten()[:, None]
+        if self.capacity_factor is not None:
+            gates = gates * self.within_capacity(chosen, mask, batch_size)
+        update = self.experts(x, chosen, gates.to(x.dtype))
+        return self.dropout(update.view_as(hidden_states))
 
     def top_k(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's gates (in float32 or wider) and experts, both `(n_tokens, num_experts_per_tok)`, best first."""
@@ -336,45 +344,20 @@ class TokenChoiceLayer(ExpertLayer):
         gates, chosen = probs.topk(self.num_experts_per_tok, dim=-1)
         return (gates / gates.sum(dim=-1, keepdim=True) if self.norm_topk_prob else gates), chosen
 
-    def dropless_experts(
-        self, x: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor, real: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every assignment of a real token, computed by its expert alone (sorted dispatch).
-
-        Args:
-            x: `(n_tokens, n_embd)`; gates, chosen: `(n_tokens, k)`; real: `(n_tokens,)` bool.
-
-        Returns:
-            For each of the `n_rows = k * n_real_tokens` assignments: its token index and gate `(n_rows,)`, and its
-            expert's output `(n_rows, n_embd)`.
-        """
-        k = self.num_experts_per_tok
-        assignment = real.repeat_interleave(k).nonzero().squeeze(-1)  # flat index into (n_tokens, k)
-        expert, order = chosen.flatten()[assignment].sort(stable=True)
-        assignment = assignment[order]
-        tokens_per_expert = torch.bincount(expert, minlength=self.w_in.shape[0])
-        token = assignment // k
-        hidden = grouped_mm(x[token], self.w_in, tokens_per_expert)
-        if self.b_in is not None:
-            hidden = hidden + self.b_in[expert]
-        outputs = grouped_mm(self.activation(hidden), self.w_out, tokens_per_expert)
-        if self.b_out is not None:
-            outputs = outputs + self.b_out[expert]
-        return token, gates.flatten()[assignment], outputs
-
-    def buffer_slots(self, chosen: torch.Tensor, real: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
-        """Where each assignment goes with a capacity limit.
+    def within_capacity(self, chosen: torch.Tensor, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Which assignments an expert keeps under the capacity limit.
 
         Args:
             chosen: `(n_tokens, k)` experts of the tokens, row by row (`n_tokens = batch_size * seq_len`).
-            real: `(n_tokens,)` bool.
+            mask: `(batch_size, seq_len)` bool, or None (all real).
 
         Returns:
-            `(n_tokens, k)` the place of each assignment in its expert's queue (-1 for padding), and the capacity:
-            an assignment is kept when its place is below it.
+            `(n_tokens, k)` bool: the assignment is a real token's and its place in its expert's queue is below the
+            capacity `ceil(capacity_factor * n_real_tokens * k / n_experts)`.
         """
-        n_experts, k = self.w_in.shape[0], self.num_experts_per_tok
+        n_experts, k = self.experts.num_experts, self.num_experts_per_tok
         seq_len = chosen.shape[0] // batch_size
+        real = chosen.new_ones(chosen.shape[0], dtype=torch.bool) if mask is None else mask.flatten()
 
         # Priority order: position by position (so what is dropped at a position never depends on later tokens and
         # the model stays causal); within one, all rows' first choices, then second ones...
@@ -383,42 +366,36 @@ class TokenChoiceLayer(ExpertLayer):
 
         one_hot = nn.functional.one_hot(priority_order(chosen), n_experts)
         one_hot = one_hot * priority_order(real[:, None].expand(-1, k))[:, None]
-        slot = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
-        slot = slot.view(seq_len, k, batch_size).permute(2, 0, 1).reshape(-1, k)
-        return slot, max(1, math.ceil(self.capacity_factor * int(real.sum()) * k / n_experts))
-
-    def buffered_experts(
-        self, x: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor, slot: torch.Tensor, capacity: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kept assignments (places in `[0, capacity)`), through a buffer of `capacity` rows per expert; shapes as
-        in [`dropless_experts`], `slot` `(n_tokens, k)` from [`buffer_slots`]."""
-        kept = (slot >= 0) & (slot < capacity)
-        token = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(chosen)[kept]
-        flat_slot = (chosen * capacity + slot)[kept]
-        dispatched = x.new_zeros(self.w_in.shape[0] * capacity, x.shape[-1]).index_copy(0, flat_slot, x[token])
-        outputs = self.experts(dispatched.view(self.w_in.shape[0], capacity, -1)).flatten(0, 1)[flat_slot]
-        return token, gates[kept], outputs
+        place = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # -1 for padding
+        place = place.view(seq_len, k, batch_size).permute(2, 0, 1).reshape(-1, k)
+        capacity = max(1, math.ceil(self.capacity_factor * int(real.sum()) * k / n_experts))
+        return (place >= 0) & (place < capacity)
 
 
-class ExpertChoiceLayer(ExpertLayer):
+class ExpertChoiceLayer(nn.Module):
     """Expert Choice MoE within MoT's groups: at every position, the `group_size` tokens of a group of rows are
     offered to the experts, and each expert takes its best
     `ceil(capacity_factor * group_size * num_experts_per_tok / n_experts)` real tokens (by the softmax over experts
     of the router logits), weighting its output by that score. Choosing among the rows of one position keeps the
-    model causal; a smaller last group offers fewer tokens."""
+    model causal; a smaller last group offers fewer tokens. Roles: `router` ([`Router`]) and `experts`
+    ([`BatchedExperts`], each on the tokens it picked)."""
 
     def __init__(self, config: MoTGPTConfig):
-        super().__init__(config)
+        super().__init__()
+        self.group_size = config.group_size
         self.capacity = config.expert_choice_capacity
+        self.router = Router(config)
+        self.experts = BatchedExperts(config)
+        self.dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, router_temperature=None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shapes as in [`TokenChoiceLayer.forward`]; `router_temperature` is ignored."""
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Shapes as in [`TokenChoiceLayer.forward`]."""
         batch_size, seq_len, d = hidden_states.shape
-        x, real = self.to_groups(hidden_states, check_token_mask(attention_mask, hidden_states))
+        token_mask = check_token_mask(token_mask, hidden_states)
+        router_logits = self.router(hidden_states).view(batch_size, seq_len, -1)
+        x, real = to_groups(hidden_states, token_mask, self.group_size)
+        router_logits, _ = to_groups(router_logits, None, self.group_size)  # (n_groups, G, seq_len, n_experts)
         n_groups = x.shape[0]
-        router_logits = x @ self.controller  # (n_groups, group_size, seq_len, n_experts)
         scores = torch.softmax(router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)), dim=-1)
         if real is not None:
             scores = scores.masked_fill(~real, -1.0)  # padding is chosen last
@@ -431,9 +408,15 @@ class ExpertChoiceLayer(ExpertLayer):
         x_flat = x.reshape(-1, d)
         outputs = self.experts(x_flat[rows]) * gates.permute(3, 0, 1, 2).flatten(1)[..., None]
         update = torch.zeros_like(x_flat).index_add(0, rows.flatten(), outputs.flatten(0, 1))
-        update = update.view(n_groups * self.group_size, seq_len, d)[:batch_size]
-        router_logits = router_logits.reshape(-1, seq_len, router_logits.shape[-1])[:batch_size]
-        return self.dropout(update), router_logits.flatten(0, 1)
+        return self.dropout(update.view(n_groups * self.group_size, seq_len, d)[:batch_size])
+
+
+class MLP(GPT2MLP):
+    """GPT-2's dense MLP, called like the expert layers (what they take besides the hidden states it ignores), so
+    that a block calls its feed-forward layer one way whatever its type."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        return super().forward(hidden_states)
 
 
 EXPERT_LAYERS = {
@@ -453,13 +436,13 @@ class MoTGPTBlock(GradientCheckpointingLayer):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config=config, layer_idx=layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.is_mot = layer_idx in config.mot_layer_indices
-        self.mlp = EXPERT_LAYERS[config.ffn_type](config) if self.is_mot else GPT2MLP(config.d_ff, config)
-        for projection in (self.attn.c_proj, None if self.is_mot else self.mlp.c_proj):
-            if projection is not None:
-                projection.writes_residual = True
-        if not self.is_mot and config.mlp_init == "experts":
-            self.mlp.c_fc.init_like_experts = self.mlp.c_proj.init_like_experts = True
+        is_expert_layer = layer_idx in config.mot_layer_indices
+        self.mlp = EXPERT_LAYERS[config.ffn_type](config) if is_expert_layer else MLP(config.d_ff, config)
+        self.attn.c_proj.writes_residual = True
+        if not is_expert_layer:
+            self.mlp.c_proj.writes_residual = True
+            if config.mlp_init == "experts":
+                self.mlp.c_fc.init_like_experts = self.mlp.c_proj.init_like_experts = True
 
     def forward(
         self,
@@ -473,7 +456,8 @@ class MoTGPTBlock(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         """
         `hidden_states` `(batch_size, seq_len, n_embd)`; `attention_mask` is the attention mask built by the model
-        (4-D or None); `token_mask` `(batch_size, seq_len)` marks the real tokens for the MoT layer (None: all real).
+        (4-D or None); `token_mask` `(batch_size, seq_len)` marks the real tokens for the expert layer (None: all
+        real); `router_temperature` is MoT's temperature for this call.
         """
         attn_output, _ = self.attn(
             self.ln_1(hidden_states),
@@ -483,11 +467,26 @@ class MoTGPTBlock(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = hidden_states + attn_output
-        if self.is_mot:
-            ff_output, _ = self.mlp(self.ln_2(hidden_states), token_mask, router_temperature)
-        else:
-            ff_output = self.mlp(self.ln_2(hidden_states))
-        return hidden_states + ff_output
+        mlp_output = self.mlp(self.ln_2(hidden_states), token_mask=token_mask, router_temperature=router_temperature)
+        return hidden_states + mlp_output
+
+
+# The weight names of checkpoints saved before the expert layers had a router and an experts module (transformers'
+# `key_mapping` renames them on load; the layouts did not change).
+LEGACY_KEY_MAPPING = {
+    r"\.mlp\.controller$": ".mlp.router.weight",
+    r"\.mlp\.router_bias$": ".mlp.router.bias",
+    r"\.mlp\.w_in$": ".mlp.experts.up_proj",
+    r"\.mlp\.w_out$": ".mlp.experts.down_proj",
+    r"\.mlp\.b_in$": ".mlp.experts.up_proj_bias",
+    r"\.mlp\.b_out$": ".mlp.experts.down_proj_bias",
+}
+
+
+def trunc_normal_scaled(weight: torch.Tensor, scale: float, fan_in: int) -> None:
+    """The paper's init: normal with std = sqrt(scale / fan_in), truncated at two standard deviations."""
+    std = math.sqrt(scale / fan_in)
+    init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
 
 class MoTGPTPreTrainedModel(PreTrainedModel):
@@ -503,8 +502,20 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {
         "hidden_states": MoTGPTBlock,
         "attentions": OutputRecorder(GPT2Attention, layer_name=".attn", index=1),
-        "router_logits": OutputRecorder(ExpertLayer, index=1),
+        "router_logits": Router,
     }
+
+    @classmethod
+    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
+        """[`~PreTrainedModel.from_pretrained`], which also loads checkpoints saved before the expert layers' weights
+        were named by role (`controller`, `w_in`, `w_out`, ...: see `LEGACY_KEY_MAPPING`)."""
+        return super().from_pretrained(*args, key_mapping=LEGACY_KEY_MAPPING | (key_mapping or {}), **kwargs)
+
+    def save_pretrained(self, *args, save_original_format: bool = False, **kwargs) -> None:
+        """[`~PreTrainedModel.save_pretrained`], writing the weights under their current names: a model loaded from a
+        checkpoint with the legacy names is not written back in that format (transformers' default would reverse the
+        renaming)."""
+        super().save_pretrained(*args, save_original_format=save_original_format, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -512,8 +523,8 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
         config = self.config
         if isinstance(module, Conv1D) and getattr(module, "init_like_experts", False):
             # `mlp_init="experts"`: the dense MLP starts as the experts do (below), so only the layer type differs.
-            std = math.sqrt(config.mot_init_scale / module.weight.shape[0])  # Conv1D weights are (fan_in, fan_out)
-            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            # Conv1D weights are (fan_in, fan_out).
+            trunc_normal_scaled(module.weight, config.mot_init_scale, fan_in=module.weight.shape[0])
             init.zeros_(module.bias)
         elif isinstance(module, Conv1D):
             std = config.initializer_range
@@ -524,21 +535,18 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        if isinstance(module, ExpertLayer):
-            # The paper's init: truncated normal, std = sqrt(scale / fan_in), cut at two standard deviations.
-            for weight, fan_in in (
-                (module.controller, config.n_embd),
-                (module.w_in, config.n_embd),
-                (module.w_out, config.expert_size_resolved),
-            ):
-                if weight is not None:
-                    std = math.sqrt(config.mot_init_scale / fan_in)
-                    init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
-            if module.b_in is not None:
-                init.zeros_(module.b_in)
-                init.zeros_(module.b_out)
-        if isinstance(module, TokenChoiceLayer) and module.router_bias is not None:
-            init.zeros_(module.router_bias)
+        # The paper's init of expert layers: truncated normal, std = sqrt(scale / fan_in), cut at two standard
+        # deviations; biases start at zero.
+        if isinstance(module, Router):
+            trunc_normal_scaled(module.weight, config.mot_init_scale, fan_in=config.n_embd)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        if isinstance(module, BatchedExperts):
+            trunc_normal_scaled(module.up_proj, config.mot_init_scale, fan_in=config.n_embd)
+            trunc_normal_scaled(module.down_proj, config.mot_init_scale, fan_in=config.expert_size_resolved)
+            if module.up_proj_bias is not None:
+                init.zeros_(module.up_proj_bias)
+                init.zeros_(module.down_proj_bias)
         if isinstance(module, MoTLayer):
             if module.log_temperature is not None:
                 init.constant_(module.log_temperature, math.log(config.router_temperature))
@@ -637,6 +645,8 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("output_router_logits", None)
         check_router_temperature(router_temperature)
+        # Trainers write the coefficient into the built config (TRL's SFTTrainer does): refused before any step.
+        self.config.check_router_aux_loss_coef()
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
@@ -911,7 +921,9 @@ class FillerForcing(LogitsProcessor):
 
 __all__ = [
     "ExpertChoiceLayer",
-    "ExpertLayer",
+    "BatchedExperts",
+    "Router",
+    "TokenChoiceExperts",
     "FillerForcing",
     "MoTLayer",
     "TokenChoiceLayer",

@@ -15,6 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .card import render_model_card
@@ -86,8 +87,6 @@ def main(argv: list[str] | None = None) -> None:
         folder = write_release(checkpoint, Path(args.dry_run), args)
         print(f"wrote {folder}: {sorted(p.name for p in folder.iterdir())}")
     if args.repo_id:
-        from huggingface_hub import HfApi
-
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(args.dry_run) if args.dry_run else write_release(checkpoint, Path(tmp), args)
             api = HfApi()

@@ -29,7 +29,7 @@ def test_steps_to_reach_interpolates_between_evaluations():
 
 def test_quality_benchmark_configs_differ_from_dense_only_in_the_layer():
     from mixture_of_tokens import MoTGPTForCausalLM
-    from mixture_of_tokens.training import preset_config
+    from mixture_of_tokens.presets import preset_config
 
     configs = {}
     for variant in quality.VARIANTS:
@@ -51,7 +51,7 @@ def test_quality_benchmark_configs_differ_from_dense_only_in_the_layer():
 
 def test_learned_temperatures_are_read_per_layer_in_layer_order(tmp_path):
     from mixture_of_tokens import MoTGPTForCausalLM
-    from mixture_of_tokens.training import preset_config
+    from mixture_of_tokens.presets import preset_config
 
     config = preset_config("mot-tiny", vocab_size=64, n_positions=16, n_layer=11, learnable_temperature="layer")
     model = MoTGPTForCausalLM(config)

@@ -7,7 +7,7 @@ from helpers import random_ids, tiny_config
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from mixture_of_tokens import MoTGPTForCausalLM
-from mixture_of_tokens.transition import mot_to_token_choice
+from mixture_of_tokens.conversion import mot_to_token_choice
 
 PROMPTS = [random_ids(1, n, seed=n)[0].tolist() for n in (5, 9, 3, 7)]
 NO_GROUPS = {

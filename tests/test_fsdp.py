@@ -18,7 +18,8 @@ from helpers import free_port, lay_out_hub_cache, run_without_package, tiny_run
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mixture_of_tokens.training import parse_args, preset_config, run_training
+from mixture_of_tokens.presets import preset_config
+from mixture_of_tokens.training import parse_args, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -1,14 +1,18 @@
 """The whole MoTGPT model: invariants, outputs, Transformers features, training."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import VOCAB_SIZE, random_ids, tiny_config
+from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from mixture_of_tokens import MoTGPTForCausalLM, MoTGPTModel, MoTLayer
 
 B, S = 7, 9  # groups of 3: two full groups and a remainder of one row
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def make_model(**overrides) -> MoTGPTForCausalLM:
@@ -31,12 +35,8 @@ def logits(model, ids, mask=None, **kwargs) -> torch.Tensor:
 
 
 def test_blocks_use_mot_as_configured():
-    assert [block.is_mot for block in make_model(n_layer=4, mot_layers="second_half").transformer.h] == [
-        False,
-        False,
-        True,
-        True,
-    ]
+    blocks = make_model(n_layer=4, mot_layers="second_half").transformer.h
+    assert [isinstance(block.mlp, MoTLayer) for block in blocks] == [False, False, True, True]
     model = make_model(n_layer=3, mot_layers=[1])
     assert [isinstance(block.mlp, MoTLayer) for block in model.transformer.h] == [False, True, False]
 
@@ -65,13 +65,15 @@ def test_forward_returns_moe_output_with_loss_and_router_logits():
     assert model(ids).router_logits is None
 
 
-def test_router_logits_are_the_controller_logits():
+def test_router_logits_are_the_router_s_logits():
     model = make_model()
     ids = random_ids(B, S)
     captured = {}
     model.transformer.h[1].ln_2.register_forward_hook(lambda module, args, out: captured.update(x=out))
     router_logits = model(ids, output_router_logits=True).router_logits
-    torch.testing.assert_close(router_logits[1], (captured["x"] @ model.transformer.h[1].mlp.controller).flatten(0, 1))
+    torch.testing.assert_close(
+        router_logits[1], (captured["x"] @ model.transformer.h[1].mlp.router.weight).flatten(0, 1)
+    )
 
 
 def test_config_flag_turns_on_router_logits():
@@ -273,7 +275,7 @@ def test_residual_projections_get_gpt2_scaled_init():
 def test_experts_init_rule_for_dense_mlps_matches_the_experts():
     model = make_model(n_layer=2, n_embd=64, mot_layers=[0], mlp_init="experts", mot_init_scale=0.1)
     dense, experts = model.transformer.h[1].mlp, model.transformer.h[0].mlp
-    for weight in (dense.c_fc.weight, dense.c_proj.weight, experts.w_in, experts.w_out):
+    for weight in (dense.c_fc.weight, dense.c_proj.weight, experts.experts.up_proj, experts.experts.down_proj):
         std = (0.1 / weight.shape[-2]) ** 0.5  # fan_in: Conv1D weights are (in, out), experts (E, in, out)
         assert weight.abs().max() <= 2 * std + 1e-7
         assert 0.75 * std < weight.std() < 0.95 * std  # a normal cut at 2 std has std ~0.88 of the original
@@ -308,3 +310,21 @@ def test_first_training_batch_smaller_than_a_group_is_refused_and_later_partial_
     model(random_ids(6, S), labels=random_ids(6, S)).loss.backward()
     model(random_ids(2, S), labels=random_ids(2, S)).loss.backward()  # an epoch's partial last batch
     assert make_model(mot_layers=[]).train()(random_ids(1, S), labels=random_ids(1, S)).loss.requires_grad
+
+
+@pytest.mark.parametrize("ffn_type", ["mot", "token_choice"])
+def test_a_checkpoint_with_the_legacy_weight_names_loads_and_is_saved_with_the_new_ones(ffn_type, tmp_path):
+    # Written by the code before the expert layers had router and experts modules (controller, w_in, w_out, b_in,
+    # b_out, router_bias), with a learned temperature or a router bias and expert biases, and the logits it gave.
+    folder = FIXTURES / f"legacy_{ffn_type}"
+    expected = load_file(folder / "expected.safetensors")
+    model = MoTGPTForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["input_ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert {"transformer.h.0.mlp.router.weight", "transformer.h.0.mlp.experts.up_proj"} <= set(saved)
+    assert not [name for name in saved if name.endswith(("controller", "w_in", "w_out", "b_in", "b_out"))]
+    with torch.no_grad():
+        reloaded = MoTGPTForCausalLM.from_pretrained(tmp_path).eval()(expected["input_ids"]).logits
+    torch.testing.assert_close(reloaded, expected["logits"], rtol=1e-5, atol=1e-6)

@@ -29,7 +29,7 @@ def reference_mot(
     authors' variant)."""
     batch_size, seq_len, _ = x.shape
     out = torch.zeros_like(x)
-    n_experts = layer.controller.shape[1]
+    n_experts, experts = layer.router.weight.shape[1], layer.experts
     for start in range(0, batch_size, layer.group_size):
         rows = range(start, min(start + layer.group_size, batch_size))
         for s in range(seq_len):
@@ -37,7 +37,7 @@ def reference_mot(
             if not real:
                 continue
             tokens = x[real, s]  # (g, d)
-            logits = tokens @ layer.controller  # (g, E)
+            logits = tokens @ layer.router.weight  # (g, E)
             if temperature == 0:
                 weights = torch.nn.functional.one_hot(logits.argmax(0), len(real)).T.to(x.dtype)
             else:
@@ -45,28 +45,28 @@ def reference_mot(
             emit = torch.softmax(logits / temperature, dim=1) if emit_over_experts else weights
             for e in range(n_experts):
                 mixed = weights[:, e] @ tokens
-                hidden = mixed @ layer.w_in[e]
-                if layer.b_in is not None:
-                    hidden = hidden + layer.b_in[e]
-                y = layer.act(hidden) @ layer.w_out[e]
-                if layer.b_out is not None:
-                    y = y + layer.b_out[e]
+                hidden = mixed @ experts.up_proj[e]
+                if experts.up_proj_bias is not None:
+                    hidden = hidden + experts.up_proj_bias[e]
+                y = experts.act_fn(hidden) @ experts.down_proj[e]
+                if experts.down_proj_bias is not None:
+                    y = y + experts.down_proj_bias[e]
                 for j, i in enumerate(real):
                     out[i, s] += emit[j, e] * y
     return out
 
 
 def run(layer: MoTLayer, x: torch.Tensor, mask=None, temperature=None) -> torch.Tensor:
-    return layer(x, attention_mask=mask, router_temperature=temperature)[0]
+    return layer(x, token_mask=mask, router_temperature=temperature)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 0.0])
 @pytest.mark.parametrize("overrides", [{}, {"expert_bias": True, "expert_activation": "gelu_new"}])
 def test_layer_equals_plain_per_group_loop(temperature, overrides):
     layer = make_layer(**overrides)
-    if layer.b_in is not None:
-        torch.nn.init.normal_(layer.b_in)
-        torch.nn.init.normal_(layer.b_out)
+    if layer.experts.up_proj_bias is not None:
+        torch.nn.init.normal_(layer.experts.up_proj_bias)
+        torch.nn.init.normal_(layer.experts.down_proj_bias)
     x = torch.randn(B, S, D, dtype=torch.float64)
     mask = random_mask()
     expected = reference_mot(layer, x, mask, temperature)
@@ -85,9 +85,9 @@ def test_expert_softmax_emit_weights_equal_the_loop(temperature):
 
 def test_output_and_router_logits_shapes():
     layer = make_layer()
-    update, router_logits = layer(torch.randn(B, S, D, dtype=torch.float64))
-    assert update.shape == (B, S, D)
-    assert router_logits.shape == (B * S, 4)
+    x = torch.randn(B, S, D, dtype=torch.float64)
+    assert layer(x).shape == (B, S, D)
+    assert layer.router(x).shape == (B * S, 4)  # flattened, as Mixtral's router logits
 
 
 def test_changing_a_later_position_leaves_earlier_positions_unchanged():
@@ -216,7 +216,7 @@ def test_negative_per_call_temperature_is_refused():
 
 
 def test_mask_of_wrong_shape_is_refused():
-    with pytest.raises(ValueError, match="attention_mask"):
+    with pytest.raises(ValueError, match="token_mask"):
         run(make_layer(), torch.randn(B, S, D, dtype=torch.float64), mask=torch.ones(B, S + 1))
 
 
@@ -239,18 +239,19 @@ def test_parameter_names_and_shapes_are_stable():
     layer = make_layer(expert_bias=True, learnable_temperature="expert")
     f = 3 * 128 // 4
     assert {name: tuple(p.shape) for name, p in layer.named_parameters()} == {
-        "controller": (D, 4),
-        "w_in": (4, D, f),
-        "w_out": (4, f, D),
-        "b_in": (4, f),
-        "b_out": (4, D),
+        "router.weight": (D, 4),
+        "experts.up_proj": (4, D, f),
+        "experts.down_proj": (4, f, D),
+        "experts.up_proj_bias": (4, f),
+        "experts.down_proj_bias": (4, D),
         "log_temperature": (4,),
     }
 
 
 def test_init_follows_truncated_normal_with_paper_scale():
     layer = MoTGPTForCausalLM(tiny_config(n_embd=64, n_experts=64, group_size=16)).transformer.h[0].mlp
-    for weight, fan_in in ((layer.controller, 64), (layer.w_in, 64), (layer.w_out, 16 * 256 // 64)):
+    experts = layer.experts
+    for weight, fan_in in ((layer.router.weight, 64), (experts.up_proj, 64), (experts.down_proj, 16 * 256 // 64)):
         std = (0.1 / fan_in) ** 0.5
         assert weight.abs().max() <= 2 * std + 1e-7
         assert 0.7 * std < weight.std() < 1.0 * std  # a normal cut at 2 std has std ~0.88 of the original
@@ -263,7 +264,7 @@ def test_bf16_autocast_gives_finite_output_and_gradients():
         out = run(layer, x, random_mask())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().sum().backward()
-    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.controller.grad).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.router.weight.grad).all()
 
 
 def test_non_finite_padding_states_do_not_reach_real_tokens():

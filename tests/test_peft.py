@@ -19,10 +19,10 @@ def attention_lora() -> LoraConfig:
 
 def experts_lora() -> LoraConfig:
     # The stacked expert weights (n_experts, in, out) are parameters, not modules: PEFT matches them by name suffix.
-    return LoraConfig(r=4, target_modules=[], target_parameters=["mlp.w_in", "mlp.w_out"])
+    return LoraConfig(r=4, target_modules=[], target_parameters=["mlp.experts.up_proj", "mlp.experts.down_proj"])
 
 
-ADAPTED = {"attention": ("attn.c_attn.weight",), "experts": ("mlp.w_in", "mlp.w_out")}
+ADAPTED = {"attention": ("attn.c_attn.weight",), "experts": ("mlp.experts.up_proj", "mlp.experts.down_proj")}
 LORAS = {"attention": attention_lora, "experts": experts_lora}
 
 
@@ -79,7 +79,7 @@ def test_lora_trains_saves_reloads_and_merges(base_dir, tmp_path, target):
     torch.testing.assert_close(logits(merged), adapted)
     expected = {
         "attention": ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"],
-        "experts": ["transformer.h.1.mlp.w_in", "transformer.h.1.mlp.w_out"],
+        "experts": ["transformer.h.1.mlp.experts.down_proj", "transformer.h.1.mlp.experts.up_proj"],
     }[target]
     assert changed_weights(merged, base_dir) == expected
 
@@ -89,7 +89,12 @@ def test_lora_trains_saves_reloads_and_merges(base_dir, tmp_path, target):
 
 def test_attention_and_experts_need_two_adapters(base_dir, tmp_path):
     # One LoraConfig cannot hold both: PEFT's parameter wrapper refuses Conv1D's fan_in_fan_out.
-    both = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, target_parameters=["mlp.w_in", "mlp.w_out"])
+    both = LoraConfig(
+        r=4,
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+        target_parameters=["mlp.experts.up_proj", "mlp.experts.down_proj"],
+    )
     with pytest.raises(ValueError, match="fan_in_fan_out"):
         get_peft_model(MoTGPTForCausalLM.from_pretrained(base_dir), both)
     # Two adapters on one model, both active, train together, and save into one folder (the second in a subfolder).
@@ -108,8 +113,8 @@ def test_attention_and_experts_need_two_adapters(base_dir, tmp_path):
     assert changed_weights(merged, base_dir) == [
         "transformer.h.0.attn.c_attn.weight",
         "transformer.h.1.attn.c_attn.weight",
-        "transformer.h.1.mlp.w_in",
-        "transformer.h.1.mlp.w_out",
+        "transformer.h.1.mlp.experts.down_proj",
+        "transformer.h.1.mlp.experts.up_proj",
     ]
 
 

@@ -128,7 +128,8 @@ def servers(checkpoints, tmp_path_factory):
     with open(logs / "benchmark.log", "w") as log:
         # A session of its own: killing its process group also kills the servers it starts.
         benchmark = subprocess.Popen(
-            [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--quick", "--threads", "1", "--out", str(out)],
+            [sys.executable, str(ROOT / "benchmarks" / "serving_load.py"), "--quick", "--threads", "1",
+             "--out", str(out)],
             stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"}, cwd=ROOT,
             start_new_session=True,
         )  # fmt: skip
@@ -550,7 +551,7 @@ def refuses_connections(url: str) -> bool:
 
 
 def test_serving_benchmark_quick_mode(servers):
-    """`benchmarks/serving.py --quick`, started with the servers, measured every mode and wrote JSON and PNG."""
+    """`benchmarks/serving_load.py --quick`, started with the servers, measured every mode and wrote JSON and PNG."""
     process, out = servers["benchmark"]
     assert process.wait(timeout=300) == 0, (out.parent / "benchmark.log").read_text()[-3000:]
     results = json.loads(out.read_text())

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from mixture_of_tokens import MoTGPTForCausalLM
-from mixture_of_tokens.training import check_groups, finetune_main, parse_args, preset_config, run_training
+from mixture_of_tokens.presets import preset_config
+from mixture_of_tokens.trainer import MoTTrainer
+from mixture_of_tokens.training import check_groups, finetune_main, parse_args, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,14 +55,13 @@ def test_resumed_run_equals_an_uninterrupted_one(corpus, tmp_path):
 
 
 def test_learned_temperatures_and_expert_biases_get_no_weight_decay():
-    from mixture_of_tokens.training import MoTTrainer
-
     config = preset_config("mot-tiny", n_layer=1, learnable_temperature="expert", expert_bias=True)
     model = MoTGPTForCausalLM(config)
     trainer = MoTTrainer(model=model, args=parse_args(["--output_dir", "unused", "--eval_strategy", "no"])[1])
     decayed = trainer.get_decay_parameter_names(model)
-    assert {"transformer.h.0.mlp.w_in", "transformer.h.0.mlp.w_out", "transformer.h.0.mlp.controller"} <= set(decayed)
-    assert not [name for name in decayed if name.endswith(("log_temperature", "b_in", "b_out"))]
+    expert_weights = ("router.weight", "experts.up_proj", "experts.down_proj")
+    assert {f"transformer.h.0.mlp.{name}" for name in expert_weights} <= set(decayed)
+    assert not [name for name in decayed if name.endswith(("log_temperature", "up_proj_bias", "down_proj_bias"))]
 
 
 def test_existing_checkpoints_need_resume(corpus, tmp_path):

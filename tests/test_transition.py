@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,29 +22,22 @@ from transformers import (
     TrainerState,
 )
 
-from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM, training
+from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM, transition
+from mixture_of_tokens.annealing import TemperatureAnnealingCallback, annealed_temperature, check_annealing
+from mixture_of_tokens.conversion import BALANCING_TEMPERATURES, balancing_bias, mot_to_token_choice
 from mixture_of_tokens.data import head, load_text, pack, train_bpe_tokenizer
 from mixture_of_tokens.modeling_mot import MoTLayer, TokenChoiceLayer
-from mixture_of_tokens.training import (
-    ScriptArguments,
-    TemperatureAnnealingCallback,
-    annealed_temperature,
-    check_annealing,
-    parse_args,
-    run_training,
-)
+from mixture_of_tokens.training import ScriptArguments, parse_args, run_training
 from mixture_of_tokens.transition import (
-    BALANCING_TEMPERATURES,
     TRANSITION_DEFAULTS,
     TransitionArguments,
-    balancing_bias,
-    calibration_ids,
     main,
-    mot_to_token_choice,
     run_transition_tuning,
+    sample_calibration_blocks,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # where the benchmark scripts find `common`
 # E 6, G 3, d_ff 128: FLOP-matched MoT experts are 3 * 128 / 6 = 64 wide, so k = 128 / 64 = 2 = E / G.
 CONVERTIBLE = dict(n_experts=6, group_size=3)
 
@@ -56,7 +50,7 @@ def perturb_(model: MoTGPTForCausalLM) -> MoTGPTForCausalLM:
     """Give biases and learned temperatures values away from their init, so that the test sees them."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.rsplit(".", 1)[-1] in ("b_in", "b_out", "log_temperature"):
+            if name.endswith(("_bias", "log_temperature")):
                 parameter.normal_(0.0, 0.3)
     return model
 
@@ -64,29 +58,31 @@ def perturb_(model: MoTGPTForCausalLM) -> MoTGPTForCausalLM:
 def test_conversion_with_all_experts_equals_a_hand_computation_from_the_mot_weights():
     mot = perturb_(mot_model(expert_bias=True, learnable_temperature="expert").double())
     converted = mot_to_token_choice(mot, num_experts_per_tok=6, capacity_factor=None)
+    converted.set_experts_implementation("eager")  # torch's grouped_mm kernel takes no float64
     source, layer = mot.transformer.h[0].mlp, converted.transformer.h[0].mlp
     assert isinstance(source, MoTLayer) and isinstance(layer, TokenChoiceLayer)
     x = torch.randn(4, 5, 32, dtype=torch.float64)
 
-    probs = torch.softmax(x @ source.controller / source.log_temperature.exp(), dim=-1)  # (4, 5, E)
+    probs = torch.softmax(x @ source.router.weight / source.log_temperature.exp(), dim=-1)  # (4, 5, E)
     expected = torch.zeros_like(x)
+    experts = source.experts
     for e in range(6):
-        hidden = torch.relu(x @ source.w_in[e] + source.b_in[e])
+        hidden = torch.relu(x @ experts.up_proj[e] + experts.up_proj_bias[e])
         # Output scale E / G = 6 / 3, not k = 6: the gates sum to 1, a MoT token's weights to E / G on average.
-        expected += probs[..., e, None] * (6 / 3) * (hidden @ source.w_out[e] + source.b_out[e])
-    update, _ = layer(x)
-    torch.testing.assert_close(update, expected, rtol=1e-10, atol=1e-12)
+        expected += probs[..., e, None] * (6 / 3) * (hidden @ experts.down_proj[e] + experts.down_proj_bias[e])
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_conversion_copies_every_other_weight_and_drops_the_temperature():
     mot = perturb_(mot_model(learnable_temperature="layer", mot_layers=[1]))
     converted = mot_to_token_choice(mot)
     before, after = mot.state_dict(), converted.state_dict()
-    changed = {"transformer.h.1.mlp.controller", "transformer.h.1.mlp.w_out"}
+    down_proj = "transformer.h.1.mlp.experts.down_proj"
+    changed = {"transformer.h.1.mlp.router.weight", down_proj}
     assert set(before) - set(after) == {"transformer.h.1.mlp.log_temperature"}
     for name in set(after) - changed:
         assert torch.equal(after[name], before[name]), name
-    torch.testing.assert_close(after["transformer.h.1.mlp.w_out"], 2 * before["transformer.h.1.mlp.w_out"])
+    torch.testing.assert_close(after[down_proj], 2 * before[down_proj])
 
 
 def test_all_experts_give_a_group_of_identical_rows_exactly_its_uniform_mot_output():
@@ -94,11 +90,12 @@ def test_all_experts_give_a_group_of_identical_rows_exactly_its_uniform_mot_outp
     # using all E experts with equal gates 1 / E, its outputs times E / G, receives the same.
     mot = perturb_(mot_model(ffn_type="uniform_mot", expert_bias=True).double())
     converted = mot_to_token_choice(mot, num_experts_per_tok=6, capacity_factor=None)
+    converted.set_experts_implementation("eager")  # torch's grouped_mm kernel takes no float64
     source, layer = mot.transformer.h[0].mlp, converted.transformer.h[0].mlp
     with torch.no_grad():
-        layer.controller.zero_()  # its fresh random router made uniform, as the source's logits are
+        layer.router.weight.zero_()  # its fresh random router made uniform, as the source's logits are
     x = torch.randn(1, 5, 32, dtype=torch.float64).expand(3, 5, 32)
-    torch.testing.assert_close(layer(x)[0], source(x)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x), source(x), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -108,9 +105,9 @@ def test_output_projections_are_multiplied_by_experts_over_group_size_whatever_k
     mot = perturb_(mot_model(expert_size=expert_size, expert_bias=True))
     converted = mot_to_token_choice(mot, num_experts_per_tok=k)
     assert converted.config.num_experts_per_tok == expected_k
-    for name in ("w_out", "b_out"):
-        expected = 2 * getattr(mot.transformer.h[0].mlp, name)  # E / G = 6 / 3
-        torch.testing.assert_close(getattr(converted.transformer.h[0].mlp, name), expected, msg=name)
+    for name in ("down_proj", "down_proj_bias"):
+        expected = 2 * getattr(mot.transformer.h[0].mlp.experts, name)  # E / G = 6 / 3
+        torch.testing.assert_close(getattr(converted.transformer.h[0].mlp.experts, name), expected, msg=name)
 
 
 def test_default_experts_per_token_is_flop_matched_without_capacity_limit():
@@ -124,7 +121,7 @@ def test_default_experts_per_token_is_flop_matched_without_capacity_limit():
 def test_a_uniform_mot_layer_gets_a_fresh_router_that_spreads_tokens_over_the_experts():
     torch.manual_seed(0)
     converted = mot_to_token_choice(mot_model(ffn_type="uniform_mot"))
-    router, std = converted.transformer.h[0].mlp.controller, math.sqrt(0.1 / 32)  # the init of mot_init_scale 0.1
+    router, std = converted.transformer.h[0].mlp.router.weight, math.sqrt(0.1 / 32)  # the init of mot_init_scale 0.1
     assert 0.7 * std < router.std() < std and router.abs().max() <= 2 * std + 1e-7
     best = (torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) @ router).argmax(-1)
     assert set(best.tolist()) == set(range(6))  # a zero router sent every token to experts 0 and 1
@@ -137,13 +134,13 @@ def test_a_converted_router_with_one_expert_per_token_learns_through_the_balanci
 
     def router_change(**kwargs) -> float:
         model = copy.deepcopy(converted)
-        before = model.transformer.h[0].mlp.controller.detach().clone()
+        before = model.transformer.h[0].mlp.router.weight.detach().clone()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(3):
             optimizer.zero_grad()
             model(ids, labels=ids, **kwargs).loss.backward()
             optimizer.step()
-        return float((model.transformer.h[0].mlp.controller.detach() - before).abs().max())
+        return float((model.transformer.h[0].mlp.router.weight.detach() - before).abs().max())
 
     # Transition tuning trains with the balancing loss; without it the gate is the constant 1 and the router gets no
     # gradient (up to rounding).
@@ -158,11 +155,13 @@ def test_norm_topk_prob_true_gives_a_single_expert_gate_one():
         .mlp
     )
     x = torch.randn(3, 4, 32)
-    best = (x @ layer.controller).argmax(-1).flatten()
+    best = (x @ layer.router.weight).argmax(-1).flatten()
+    experts = layer.experts
     expected = [
-        torch.relu(token @ layer.w_in[e]) @ layer.w_out[e] for token, e in zip(x.view(-1, 32), best, strict=True)
+        torch.relu(token @ experts.up_proj[e]) @ experts.down_proj[e]
+        for token, e in zip(x.view(-1, 32), best, strict=True)
     ]
-    torch.testing.assert_close(layer(x)[0], torch.stack(expected).view_as(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x), torch.stack(expected).view_as(x), rtol=1e-5, atol=1e-6)
 
 
 def test_converted_model_gives_a_row_the_same_logits_alone_and_in_any_batch():
@@ -251,8 +250,12 @@ def tiny_learned_temperature() -> MoTGPTForCausalLM:
         (lambda: mot_model(ffn_type="token_choice"), {}, "`model.config.ffn_type` must be one of"),
         (lambda: MoTGPTForCausalLM(tiny_config()), {}, r"d_ff / expert_size = 128 / 96, which is not a whole"),
         (mot_model, {"num_experts_per_tok": 7}, r"`num_experts_per_tok` must be an integer in \[1, n_experts=6\]"),
-        (mot_model, {"num_experts_per_tok": 0}, r"`num_experts_per_tok` must be an integer in \[1, n_experts=6\]"),
-        (mot_model, {"capacity_factor": -1.0}, r"`capacity_factor` must be None \(no limit\) or > 0, got -1.0"),
+        (mot_model, {"num_experts_per_tok": 0}, r"`num_experts_per_tok` must be an integer in \[1, n_experts\]"),
+        (
+            mot_model,
+            {"capacity_factor": -1.0},
+            r"`capacity_factor` must be None \(no limit\) or a number > 0, got -1.0",
+        ),
         (lambda: mot_model(router_temperature=0.0), {}, "`router_temperature` is 0"),
         (
             lambda: mot_model(router_temperature=1e-31),
@@ -280,7 +283,7 @@ def test_the_smallest_accepted_temperature_converts_to_finite_logits():
 
 
 def test_config_refuses_a_non_boolean_norm_topk_prob():
-    with pytest.raises(ValueError, match=r"`norm_topk_prob` must be None .*, True or False, got 'yes'"):
+    with pytest.raises(ValueError, match=r"`norm_topk_prob` must be one of \(None, True, False\), got 'yes'"):
         MoTGPTConfig(norm_topk_prob="yes")
 
 
@@ -304,7 +307,7 @@ def add_shared_offset_(mot: MoTGPTForCausalLM, offset: torch.Tensor) -> None:
     with torch.no_grad():
         for block in mot.transformer.h:
             direction = 1 / block.ln_2.weight
-            block.mlp.controller += torch.outer(direction / (block.ln_2.bias @ direction), offset)
+            block.mlp.router.weight += torch.outer(direction / (block.ln_2.bias @ direction), offset)
 
 
 def test_calibration_removes_a_per_expert_offset_that_mot_ignores():
@@ -405,7 +408,7 @@ def trained_mot(corpus, tmp_path_factory) -> Path:
 def test_a_trained_model_converts_to_a_balanced_router_on_held_out_text(corpus, trained_mot):
     mot, tokenizer = AutoModelForCausalLM.from_pretrained(trained_mot), AutoTokenizer.from_pretrained(trained_mot)
     script = ScriptArguments(corpus=[corpus["train"]], block_size=16, data_cache_dir=corpus["cache"])
-    calibration = calibration_ids(script, TransitionArguments(calibration_blocks=64), tokenizer, seed=0)
+    calibration = sample_calibration_blocks(script, TransitionArguments(calibration_blocks=64), tokenizer, seed=0)
     held_out = torch.tensor(head(pack(load_text([corpus["valid"]]), tokenizer, 16), 64)["input_ids"])  # 1,024 tokens
     # Without the router bias a few experts take most first choices and some none.
     raw = first_choice_loads(mot_to_token_choice(mot), held_out)
@@ -419,8 +422,8 @@ def test_calibration_blocks_come_from_the_calibration_corpus_when_given(corpus, 
     script = ScriptArguments(corpus=[corpus["train"]], block_size=16, data_cache_dir=corpus["cache"])
     held_out = {tuple(ids) for ids in pack(load_text([corpus["valid"]]), tokenizer, 16)["input_ids"]}
     own = TransitionArguments(calibration_blocks=8, calibration_corpus=[corpus["valid"]])
-    assert {tuple(ids) for ids in calibration_ids(script, own, tokenizer, seed=0).tolist()} <= held_out
-    default = calibration_ids(script, TransitionArguments(calibration_blocks=8), tokenizer, seed=0)
+    assert {tuple(ids) for ids in sample_calibration_blocks(script, own, tokenizer, seed=0).tolist()} <= held_out
+    default = sample_calibration_blocks(script, TransitionArguments(calibration_blocks=8), tokenizer, seed=0)
     assert not {tuple(ids) for ids in default.tolist()} & held_out  # the training corpus
 
 
@@ -488,18 +491,20 @@ def test_transition_script_converts_and_tunes_a_checkpoint_into_a_token_choice_m
         64,
     )
     assert isinstance(tuned.transformer.h[1].mlp, TokenChoiceLayer)
-    assert not torch.equal(tuned.transformer.h[0].mlp.w_in, switched.transformer.h[0].mlp.w_in)
-    assert torch.equal(switched.transformer.h[0].mlp.w_in, mot.transformer.h[0].mlp.w_in)
+    assert not torch.equal(tuned.transformer.h[0].mlp.experts.up_proj, switched.transformer.h[0].mlp.experts.up_proj)
+    assert torch.equal(switched.transformer.h[0].mlp.experts.up_proj, mot.transformer.h[0].mlp.experts.up_proj)
     assert (tmp_path / "tuned" / "modeling_mot.py").exists() and (tmp_path / "tuned" / "tokenizer.json").exists()
     assert any("eval_loss" in json.loads(line) for line in (tmp_path / "tuned" / "metrics.jsonl").open())
     # Calibrated, trained with the balancing loss (as the checkpoint's config shows), calibrated again after tuning
     # (the final router bias is not the last checkpoint's), saved without the loss.
-    assert switched.transformer.h[0].mlp.router_bias.abs().sum() > 0
+    assert switched.transformer.h[0].mlp.router.bias.abs().sum() > 0
     last = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned" / "checkpoint-3")
     assert last.config.output_router_logits is True
-    assert not torch.equal(last.transformer.h[0].mlp.router_bias, switched.transformer.h[0].mlp.router_bias)
-    assert not torch.equal(tuned.transformer.h[0].mlp.router_bias, last.transformer.h[0].mlp.router_bias)
-    torch.testing.assert_close(tuned.transformer.h[0].mlp.w_in, last.transformer.h[0].mlp.w_in, rtol=0, atol=0)
+    assert not torch.equal(last.transformer.h[0].mlp.router.bias, switched.transformer.h[0].mlp.router.bias)
+    assert not torch.equal(tuned.transformer.h[0].mlp.router.bias, last.transformer.h[0].mlp.router.bias)
+    torch.testing.assert_close(
+        tuned.transformer.h[0].mlp.experts.up_proj, last.transformer.h[0].mlp.experts.up_proj, rtol=0, atol=0
+    )
     for model in (tuned, switched):
         assert model.config.router_bias is True and model.config.output_router_logits is False
 
@@ -542,7 +547,7 @@ def trained_from(monkeypatch) -> list[tuple[str, list[str]]]:
             )
             AutoTokenizer.from_pretrained(script.model_name_or_path).save_pretrained(args.output_dir)
 
-    monkeypatch.setattr(training, "run_training", run_training)
+    monkeypatch.setattr(transition, "run_training", run_training)
     return calls
 
 
@@ -594,7 +599,7 @@ def test_resuming_refuses_transition_arguments_other_than_the_saved_conversions(
     ids=["annealing", "no-step-count", "mot-steps-0"],
 )
 def test_transition_benchmark_refuses_a_mot_run_before_training(tmp_path, argv, message):
-    benchmark = load_script("benchmarks/transition.py")
+    benchmark = load_script("benchmarks/transition_vs_annealing.py")
     with pytest.raises(ValueError, match=message):
         benchmark.main(["--mot_run", str(tmp_path), "--runs_dir", str(tmp_path / "runs"), *argv])
     assert not (tmp_path / "runs").exists()
@@ -602,7 +607,7 @@ def test_transition_benchmark_refuses_a_mot_run_before_training(tmp_path, argv, 
 
 def test_transition_benchmark_quick_mode_writes_its_results(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the runs' block cache goes to ./.cache
-    benchmark = load_script("benchmarks/transition.py")
+    benchmark = load_script("benchmarks/transition_vs_annealing.py")
     benchmark.main(["--quick", "--runs_dir", str(tmp_path), "--out", str(tmp_path / "transition.json")])
     results = json.loads((tmp_path / "transition.json").read_text())
     assert (tmp_path / "transition.png").exists()

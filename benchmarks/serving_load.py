@@ -13,9 +13,9 @@ of what the mode serves on held-out blocks: the servers score each block with `e
 baseline scores each block alone. For reference, the perplexity of the same blocks in full groups of consecutive
 blocks, as in training, is given too.
 
-    .venv/bin/python benchmarks/serving.py            # trains a small MoT model first (runs/serving-mot, reused)
-    .venv/bin/python benchmarks/serving.py --checkpoint runs/mot-tiny --clients 16 --requests 4
-    .venv/bin/python benchmarks/serving.py --quick    # a tiny random model, a few requests: a smoke test
+    .venv/bin/python benchmarks/serving_load.py            # trains a small MoT model first (runs/serving-mot, reused)
+    .venv/bin/python benchmarks/serving_load.py --checkpoint runs/mot-tiny --clients 16 --requests 4
+    .venv/bin/python benchmarks/serving_load.py --quick    # a tiny random model, a few requests: a smoke test
 
 Writes benchmarks/results/serving.json and .png.
 """
@@ -39,16 +39,17 @@ from pathlib import Path
 
 import httpx
 import torch
+from common import RESULTS, ROOT, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM  # noqa: E402
-from mixture_of_tokens.data import load_sotu, pack, train_bpe_tokenizer  # noqa: E402
-from mixture_of_tokens.evaluation import block_nll  # noqa: E402
-from mixture_of_tokens.fillers import build_filler_bank, save_filler_bank  # noqa: E402
+from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM
+from mixture_of_tokens.data import load_sotu, pack, train_bpe_tokenizer
+from mixture_of_tokens.evaluation import block_nll
+from mixture_of_tokens.fillers import build_filler_bank, save_filler_bank
+from mixture_of_tokens.run_log import train_or_reuse
+from mixture_of_tokens.training import parse_args as training_args
+from mixture_of_tokens.training import run_training
 
-RESULTS = ROOT / "benchmarks" / "results"
 MODEL_NAME = "bench"
 
 
@@ -95,14 +96,11 @@ def quick_checkpoint(folder: Path, block_size: int) -> Path:
 def trained_checkpoint(args: argparse.Namespace) -> Path:
     """The preset `mot-tiny` (4 layers, d 128, 32 experts, groups of 16) trained on the speeches; mot-train saves
     its filler bank. A finished run in the folder is reused."""
-    from mixture_of_tokens.training import parse_args as training_args
-    from mixture_of_tokens.training import train_or_reuse
-
     output_dir = Path(args.runs_dir) / "serving-mot"
     argv = ["--preset", "mot-tiny", "--output_dir", str(output_dir), "--max_steps", str(args.max_steps)]
     argv += ["--block_size", str(args.block_size), "--learning_rate", "2e-3", "--eval_strategy", "no"]
     argv += ["--save_steps", "100", "--logging_steps", "25", "--disable_tqdm", "true"]
-    train_or_reuse(*training_args(argv))
+    train_or_reuse(*training_args(argv), run=run_training)
     return output_dir
 
 
@@ -286,7 +284,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         if args.checkpoint:
             checkpoint = Path(args.checkpoint)
@@ -295,8 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             checkpoint = trained_checkpoint(args)
         results = run(checkpoint, args)
-    results["command"] = " ".join(["python benchmarks/serving.py", *(sys.argv[1:] if argv is None else argv)])
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    results["command"] = " ".join(["python benchmarks/serving_load.py", *(sys.argv[1:] if argv is None else argv)])
+    write_json(results, out)
     plot(results, out.with_suffix(".png"))
     return results
 

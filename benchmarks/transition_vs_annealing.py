@@ -26,45 +26,31 @@ Writes `--out` (JSON, one line per key) and a plot beside it. Runs live in `--ru
 an interrupted one resumed from its last checkpoint.
 
 Usage, from the repository root:
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transition.py               # about 25 minutes on one CPU thread
-    .venv/bin/python benchmarks/transition.py --mot_run runs/mot-tiny --block_size 128 --skip_annealing
-    .venv/bin/python benchmarks/transition.py --quick   # a tiny smoke run of a few seconds
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transition_vs_annealing.py     # about 25 minutes on one CPU thread
+    .venv/bin/python benchmarks/transition_vs_annealing.py --mot_run runs/mot-tiny --block_size 128 --skip_annealing
+    .venv/bin/python benchmarks/transition_vs_annealing.py --quick   # a tiny smoke run of a few seconds
 """
 
 import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from unittest import mock
 
 import torch
+from common import interleaved_times, machine_info, make_step, median_ratio, time_generation, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import moe
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from generation_speed import time_generation  # noqa: E402
-from layer_speed import interleaved_times, machine_info, median_ratio  # noqa: E402
-from train_speed import make_step  # noqa: E402
-
-from mixture_of_tokens import MoTGPTForCausalLM, modeling_mot  # noqa: E402
-from mixture_of_tokens.data import head, load_sotu, load_text, pack, sotu_speech_files  # noqa: E402
-from mixture_of_tokens.evaluation import evaluate_perplexity  # noqa: E402
-from mixture_of_tokens.modeling_mot import grouped_mm  # noqa: E402
-from mixture_of_tokens.training import (  # noqa: E402
-    parse_args,
-    read_metrics,
-    run_training,
-    train_or_reuse,
-    validation_curve,
-)
-from mixture_of_tokens.transition import (  # noqa: E402
-    TRANSITION_DEFAULTS,
-    TransitionArguments,
-    mot_to_token_choice,
-    run_transition_tuning,
-)
+from mixture_of_tokens import MoTGPTForCausalLM
+from mixture_of_tokens.conversion import mot_to_token_choice
+from mixture_of_tokens.data import head, load_sotu, load_text, pack, sotu_speech_files
+from mixture_of_tokens.evaluation import evaluate_perplexity
+from mixture_of_tokens.run_log import read_metrics, train_or_reuse, validation_curve
+from mixture_of_tokens.training import parse_args, run_training
+from mixture_of_tokens.transition import TRANSITION_DEFAULTS, TransitionArguments, run_transition_tuning
 
 TARGET = 0.02  # converted model's validation loss within 2% of the MoT model's after N steps
 QUICK_MODEL = ["n_layer=1", "n_embd=32", "n_head=2", "n_experts=8", "group_size=4"]
@@ -195,17 +181,19 @@ def prompts(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def expert_rows_per_assignment(model, ids: torch.Tensor) -> dict[str, float]:
-    """Rows the expert matmuls of `model` process (counted at `grouped_mm`), over `num_experts_per_tok` times the
+    """Rows the expert matmuls of `model` process (counted at transformers' `grouped_mm` experts kernel), over
+    `num_experts_per_tok` times the
     tokens: in a training step (forward, whose rows the backward reuses, on `ids`) and in the decoding steps of
     cached generation from [`prompts`] of `ids`."""
     rows = []
+    grouped_mm = moe._grouped_mm
 
-    def counting(tokens, weight, tokens_per_expert):
-        rows.append(int(tokens_per_expert.sum()))
-        return grouped_mm(tokens, weight, tokens_per_expert)
+    def counting(tokens, weight, offs):
+        rows.append(int(offs[-1]))
+        return grouped_mm(tokens, weight, offs)
 
     k, n_matmuls = model.config.num_experts_per_tok, 2 * len(model.config.mot_layer_indices)
-    with mock.patch.object(modeling_mot, "grouped_mm", counting):
+    with mock.patch.object(moe, "_grouped_mm", counting):
         model.train()
         model(ids, labels=ids).loss.backward()
         model.zero_grad(set_to_none=True)
@@ -267,23 +255,6 @@ def dense_twin(model: MoTGPTForCausalLM) -> MoTGPTForCausalLM:
 def first_within_target(curve: list[tuple[int, float]], mot: float) -> int | None:
     """The first tuning step whose validation loss is within the target of the MoT model's."""
     return next((step for step, loss in curve if loss <= mot * (1 + TARGET)), None)
-
-
-def rounded(value, digits: int = 5):
-    """`value` with every float rounded to `digits` significant digits, for a compact JSON."""
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    if isinstance(value, dict):
-        return {key: rounded(item, digits) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [rounded(item, digits) for item in value]
-    return value
-
-
-def write_json(results: dict, path: Path) -> None:
-    """One line per top-level key."""
-    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in rounded(results).items()]
-    path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -481,7 +452,6 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(results, out)
     plot(results, out.with_suffix(".png"))
     summary = ("validation_loss", "tuned_relative_to_mot", "target_met", "balance_target_met")

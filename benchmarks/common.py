@@ -1,0 +1,183 @@
+"""What the benchmarks share: machine info, interleaved timing, JSON writing, the quality benchmark's model variants.
+
+Each benchmark is a script (`python benchmarks/NAME.py`) that imports the package and this module, which the script's
+folder on `sys.path` makes importable (tests put `benchmarks/` on it), and no other benchmark, but for
+`token_choice_drops`, which measures the quality benchmark's own run. Importing this module also puts the repository
+root on `sys.path`, so that the scripts run from a checkout where the package is not installed.
+"""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mixture_of_tokens import MoTGPTForCausalLM  # noqa: E402
+from mixture_of_tokens.presets import preset_config  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# Machine and timing
+
+
+def machine_info() -> dict[str, object]:
+    """The software and hardware a benchmark ran on, and the machine's load, for its results file."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "load_average_1m": round(os.getloadavg()[0], 2),  # other processes on the machine make timings noisy
+    }
+
+
+def other_cpu_seconds() -> float:
+    """CPU seconds used so far by all processes but this one (Linux; 0 where /proc/stat is missing)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    own = os.times()
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK") - own.user - own.system
+
+
+def timed(step: Callable[[], None], device: str) -> float:
+    """Milliseconds of one call of `step` (on CUDA, synchronized before and after)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start)
+
+
+def interleaved_times(
+    steps: dict[str, Callable[[], None]], device: str, repeats: int, warmup: int
+) -> tuple[dict[str, list[float]], int]:
+    """Milliseconds of each step over `repeats` rounds after `warmup`, all steps run once per round in alternating
+    order, so drifts of the machine hit them alike. A round during which other processes used the CPU is redone
+    (up to 3 * repeats times). Returns the times and the number of rounds redone."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    done = discarded = 0
+    while done < warmup + repeats:
+        order = list(steps) if done % 2 == 0 else list(reversed(steps))
+        other, wall = other_cpu_seconds(), time.perf_counter()
+        round_ms = {name: timed(steps[name], device) for name in order}
+        other, wall = other_cpu_seconds() - other, time.perf_counter() - wall
+        if done >= warmup and other > 0.1 * wall + 0.02 and discarded < 3 * repeats:
+            discarded += 1  # other processes took CPU time during this round: redo it
+            continue
+        if done >= warmup:
+            for name, ms in round_ms.items():
+                times[name].append(ms)
+        done += 1
+    return times, discarded
+
+
+def median_ratio(times: list[float], reference: list[float]) -> float:
+    """The median of the per-round ratios: it cancels drifts of the machine's speed better than a ratio of medians."""
+    return statistics.median(a / b for a, b in zip(times, reference, strict=True))
+
+
+@torch.no_grad()
+def time_generation(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> float:
+    """Seconds of greedy generation of exactly `new_tokens` tokens after each of `prompts` (one batch)."""
+    start = time.perf_counter()
+    out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == prompts.shape[1] + new_tokens
+    return elapsed
+
+
+# Training steps and results files
+
+
+def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> Callable[[], None]:
+    """One full training step of `model` on `ids`: forward, backward, gradient clipping at 0.5, optimizer step."""
+
+    def step() -> None:
+        model(ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def rounded(value: object, digits: int = 5) -> object:
+    """`value` with every float rounded to `digits` significant digits, for a compact JSON."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
+def write_json(results: dict, path: Path) -> None:
+    """Write a benchmark's results (floats rounded), one line per top-level key, creating the folder."""
+    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in rounded(results).items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+# The quality benchmark's model variants (also trained and timed by others)
+
+# Variant -> (preset family, config overrides). "k" is the paper's mixtures per expert, E / G (the overrides get
+# n_experts = k * G of the backbone); a MoT expert is then d_ff / k wide, so each variant spends the dense MLP's
+# expert FLOPs per token, plus MoT's controller and mixing (about 3 * E * d per token and layer, reported as the
+# FLOPs ratio). Token and Expert Choice use E = G experts of width d_ff and one expert per token. Every MLP uses
+# ReLU (the presets' rule, the paper's experts) and, but for `dense_gpt2_init`, the experts' init rule.
+VARIANTS = {
+    "dense": ("dense", {}),
+    "dense_gpt2_init": ("dense", {"mlp_init": "gpt2"}),  # GPT-2's init of the MLP (std 0.02, scaled output weights)
+    "mot_k1": ("mot", {"k": 1}),  # E = G: one mixture per expert (the paper's MoT-Medium/32E/1)
+    "mot_k2": ("mot", {"k": 2}),
+    "mot_k8": ("mot", {"k": 8}),
+    "mot_k16": ("mot", {"k": 16}),  # the authors' proof-of-concept regime: k 16, T 1
+    "mot_k16_t0.1": ("mot", {"k": 16, "router_temperature": 0.1}),
+    "mot_k16_learned_t": ("mot", {"k": 16, "learnable_temperature": "layer"}),
+    "mot_k16_second_half": ("mot", {"k": 16, "mot_layers": "second_half"}),
+    "mot_k16_second_half_t0.1": ("mot", {"k": 16, "mot_layers": "second_half", "router_temperature": 0.1}),
+    "mot_k16_emit_experts": ("mot", {"k": 16, "mot_emit_weights": "experts"}),
+    "uniform_mot_k16": ("mot", {"k": 16, "ffn_type": "uniform_mot"}),
+    "token_choice": (
+        "mot",
+        {"k": 1, "ffn_type": "token_choice", "capacity_factor": 1.25, "output_router_logits": True},
+    ),
+    "expert_choice": ("mot", {"k": 1, "ffn_type": "expert_choice"}),
+}
+
+
+def variant_config(variant: str, backbone: str) -> dict:
+    """The (preset, config overrides) of a variant on a backbone, with "k" resolved to n_experts = k * G."""
+    family, overrides = VARIANTS[variant]
+    overrides = {"mlp_init": "experts"} | overrides
+    if "k" in overrides:
+        overrides["n_experts"] = overrides.pop("k") * preset_config(f"mot-{backbone}").group_size
+    return {"preset": f"{family}-{backbone}", "overrides": overrides}
+
+
+def variant_model(spec: dict, vocab_size: int, block_size: int) -> MoTGPTForCausalLM:
+    """A fresh model of a `variant_config` spec, sized to the vocabulary and block."""
+    return MoTGPTForCausalLM(
+        preset_config(spec["preset"], vocab_size=vocab_size, n_positions=block_size, **spec["overrides"])
+    )
