@@ -133,8 +133,8 @@ def rounded(value: object, digits: int = 5) -> object:
 
 
 def write_json(results: dict, path: Path) -> None:
-    """Write a benchmark's results (floats rounded), one line per top-level key, creating the folder."""
-    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in rounded(results).items()]
+    """Write a benchmark's results, one line per top-level key, creating the folder."""
+    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in results.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
 

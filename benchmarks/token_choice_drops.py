@@ -25,7 +25,7 @@ from pathlib import Path
 # trained when missing) by that benchmark's own run ids, learning-rate tuning and training.
 import quality
 import torch
-from common import RESULTS, machine_info, write_json
+from common import RESULTS, machine_info, rounded, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixture_of_tokens.data import head, load_sotu, pack
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
     }
     out = Path(args.out)
-    write_json(results, out)
+    write_json(rounded(results), out)
     plot(results, out.with_suffix(".png"))
     for measurement in results["measurements"]:
         quarters = [layer["by_quarter"] for layer in measurement["layers"]]

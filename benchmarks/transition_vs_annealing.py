@@ -40,7 +40,15 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from common import interleaved_times, machine_info, make_step, median_ratio, time_generation, write_json
+from common import (
+    interleaved_times,
+    machine_info,
+    make_step,
+    median_ratio,
+    rounded,
+    time_generation,
+    write_json,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import moe
 
@@ -452,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
     }
     out = Path(args.out)
-    write_json(results, out)
+    write_json(rounded(results), out)
     plot(results, out.with_suffix(".png"))
     summary = ("validation_loss", "tuned_relative_to_mot", "target_met", "balance_target_met")
     print(json.dumps({key: results[key] for key in summary}))

@@ -8,6 +8,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import speech_corpus  # noqa: E402
 
+# Fixtures that start subprocesses (servers on localhost ports): every test using one is marked `slow`.
+SUBPROCESS_FIXTURES = {"servers"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SUBPROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, str]:

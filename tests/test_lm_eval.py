@@ -188,6 +188,7 @@ def test_shipped_task_data_is_what_the_builders_produce():
     assert {item["label"] for item in cloze} == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_command_line_runs_a_shipped_task(mot_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["mot-lm-eval"])  # `main` sets it for lm-eval's parser; restored after the test
     main(["--model", "motgpt", "--model_args", f"pretrained={mot_dir}", "--tasks", "sotu_perplexity", "--limit", "3",

@@ -4,7 +4,10 @@ import json
 import os
 import subprocess
 
+import pytest
 from helpers import console_script
+
+pytestmark = pytest.mark.slow  # end to end
 
 
 def test_main_job_writes_the_report_with_perplexity_lm_eval_and_samples(tmp_path):

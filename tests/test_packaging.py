@@ -14,6 +14,8 @@ from helpers import tiny_config
 from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.data import load_sotu, train_bpe_tokenizer
 
+pytestmark = pytest.mark.slow  # builds and installs a wheel
+
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = (
     "mot-train", "mot-finetune", "mot-evaluate", "mot-publish", "mot-transition-tune", "mot-lm-eval", "mot-serve",

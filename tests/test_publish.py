@@ -87,6 +87,7 @@ print(json.dumps({"classes": [type(o).__name__ for o in (config, base, model)], 
 """
 
 
+@pytest.mark.slow
 def test_release_loads_offline_without_the_package_and_generates_the_same(release, tmp_path):
     lay_out_hub_cache(release, tmp_path / "hub", "mot-org/tiny-mot")
     loaded = json.loads(run_without_package(LOADER, tmp_path / "hub", json.dumps(PROMPTS)).strip().splitlines()[-1])

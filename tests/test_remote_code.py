@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from helpers import lay_out_hub_cache, random_ids, run_without_package, tiny_config
 
@@ -29,6 +30,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_offline_hub_checkpoint_loads_without_the_package(tmp_path):
     model = MoTGPTForCausalLM(tiny_config(mot_layers="second_half", learnable_temperature="layer")).eval()
     model.save_pretrained(tmp_path / "saved")

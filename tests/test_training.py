@@ -134,6 +134,7 @@ LAUNCHERS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_processes_with_batch_b_follow_one_process_with_batch_2b(corpus, tmp_path, launcher):
     steps = ["--max_steps", "4", "--eval_steps", "100", "--save_steps", "100", "--logging_steps", "1"]

@@ -220,6 +220,7 @@ def test_a_saved_converted_model_computes_no_auxiliary_loss_unless_asked(tmp_pat
     torch.testing.assert_close(asked.loss, plain.loss + 0.01 * asked.aux_loss)
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_loads_identically_with_and_without_the_package(tmp_path):
     converted = mot_to_token_choice(perturb_(mot_model(expert_bias=True, learnable_temperature="expert")))
     converted.save_pretrained(tmp_path / "saved")
@@ -474,6 +475,7 @@ def mot_checkpoint(corpus, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_transition_script_converts_and_tunes_a_checkpoint_into_a_token_choice_model(corpus, mot_checkpoint, tmp_path):
     # A batch of 4 is not a multiple of group_size 3: refused for MoT, fine for the converted model.
     main(
@@ -574,6 +576,7 @@ def test_only_the_saving_process_converts_and_it_does_so_before_releasing_the_ot
     assert json.loads((tmp_path / "config.json").read_text())["output_router_logits"] is False
 
 
+@pytest.mark.slow
 def test_resuming_refuses_transition_arguments_other_than_the_saved_conversions(
     corpus, mot_checkpoint, tmp_path, trained_from
 ):
@@ -605,6 +608,7 @@ def test_transition_benchmark_refuses_a_mot_run_before_training(tmp_path, argv, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_transition_benchmark_quick_mode_writes_its_results(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the runs' block cache goes to ./.cache
     benchmark = load_script("benchmarks/transition_vs_annealing.py")
