@@ -21,6 +21,7 @@ from helpers import tiny_config, tiny_tokenizer
 
 from mixture_of_tokens import MoTGPTForCausalLM, serving
 from mixture_of_tokens.fillers import load_filler_bank, save_filler_bank
+from mixture_of_tokens.serving import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 N_POSITIONS = 256
@@ -493,7 +494,7 @@ def test_a_failing_batch_fails_its_requests_and_the_engine_goes_on(reference):
 
 def test_a_grouped_model_without_filler_bank_does_not_start(checkpoints):
     with pytest.raises(SystemExit, match=r"needs a filler bank .*--fillers FILE"):
-        serving.main([str(checkpoints["mot_no_bank"])])
+        cli.main([str(checkpoints["mot_no_bank"])])
 
 
 LONG = {"model": "tiny", "prompt": "we are", "max_tokens": 500, "logit_bias": BAN_SPECIAL, "temperature": 0}

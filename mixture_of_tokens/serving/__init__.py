@@ -18,11 +18,9 @@ command. The model lives in one worker thread, the [`Engine`]; the HTTP handlers
 read its [`Event`]s back. Requests join the running batch as new groups (their prompts are run as a batch of their own,
 then their cache is appended), and a group leaves the batch when its last request is done.
 
-The engine needs neither FastAPI nor pydantic: importing this package loads only it, and `create_app` and `main`
-(which need the `serve` extra) are loaded when first used.
+The engine needs neither FastAPI nor pydantic (the `serve` extra): this package exports it alone; the app is
+`mixture_of_tokens.serving.api.create_app` and the command `mixture_of_tokens.serving.cli.main`.
 """
-
-import importlib
 
 from .engine import (
     GROUPINGS,
@@ -39,16 +37,6 @@ from .engine import (
     merge_batches,
 )
 
-# The names of the HTTP side and the module that holds each, imported on first use (see the docstring).
-_HTTP_NAMES = {"create_app": ".api", "main": ".cli"}
-
-
-def __getattr__(name: str):
-    if name in _HTTP_NAMES:
-        return getattr(importlib.import_module(_HTTP_NAMES[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "GROUPINGS",
     "Batch",
@@ -61,7 +49,5 @@ __all__ = [
     "TextStream",
     "TokenInfo",
     "choose_token",
-    "create_app",
-    "main",
     "merge_batches",
 ]
