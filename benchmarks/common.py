@@ -1,4 +1,4 @@
-"""What the benchmarks share: machine info, interleaved timing, JSON writing, the quality benchmark's model variants.
+"""What the benchmarks share: machine info, interleaved timing, JSON and charts, the quality benchmark's model variants.
 
 Each benchmark is a script (`python benchmarks/NAME.py`) that imports the package and this module, which the script's
 folder on `sys.path` makes importable (tests put `benchmarks/` on it), and no other benchmark, but for
@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -106,7 +107,7 @@ def time_generation(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: i
     return elapsed
 
 
-# Training steps and results files
+# Training steps, results files and charts
 
 
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> Callable[[], None]:
@@ -137,6 +138,17 @@ def write_json(results: dict, path: Path) -> None:
     lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in results.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+def pyplot() -> ModuleType:
+    """`matplotlib.pyplot` on the Agg backend (charts written to files, no display needed)."""
+    # Imported here, not at the top: importing pyplot is slow, and only a benchmark's plotting step needs it.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 # The quality benchmark's model variants (also trained and timed by others)

@@ -10,12 +10,11 @@ Writes benchmarks/results/generation_speed.json and .png (the ratio against the 
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
 
 import torch
-from common import RESULTS, time_generation, write_json
+from common import RESULTS, machine_info, pyplot, time_generation, write_json
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM
@@ -56,10 +55,7 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = results["results"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             "gpt2": 4 * sum(p.numel() for p in models["gpt2"].transformer.h[0].mlp.parameters()) / 2**20,
         },
         "results": rows,
-        "machine": {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or "unknown"},
+        "machine": machine_info(),
     }
     out = Path(args.out)
     write_json(results, out)

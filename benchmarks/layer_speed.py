@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import interleaved_times, machine_info, median_ratio, write_json
+from common import interleaved_times, machine_info, median_ratio, pyplot, write_json
 from torch import nn
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
@@ -95,12 +95,10 @@ def time_setting(
 
 def plot(results: list[dict], path: Path) -> None:
     try:
-        import matplotlib
+        plt = pyplot()
     except ImportError:
         print("matplotlib is not installed: no chart written.")
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     labels = [f"d={r['n_embd']}\nE={r['n_experts']}" for r in results]
     names = list(dict.fromkeys(name for r in results for name in r["ratio_to_dense"]))

@@ -27,11 +27,11 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from common import RESULTS, machine_info, write_json
+from common import RESULTS, machine_info, pyplot, write_json
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -88,18 +88,18 @@ class StepMemory:
     """Counts this process's parameter and gradient bytes just before the first optimizer step, and its optimizer
     state bytes just after it (when all three exist at once: the peak of the three)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         register_optimizer_step_pre_hook(self.before)
         register_optimizer_step_post_hook(self.after)
 
-    def before(self, optimizer, args, kwargs) -> None:
+    def before(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if "parameters" not in self.counts:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             self.counts["parameters"] = local_bytes(params)
             self.counts["gradients"] = local_bytes(p.grad for p in params if p.grad is not None)
 
-    def after(self, optimizer, args, kwargs) -> None:
+    def after(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if "optimizer_state" not in self.counts:
             states = optimizer.state.values()
             self.counts["optimizer_state"] = local_bytes(t for s in states for t in s.values() if torch.is_tensor(t))
@@ -164,7 +164,7 @@ def parameter_shapes(config: MoTGPTConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def count(shapes: dict[str, tuple[int, ...]], keep=lambda name: True) -> int:
+def count(shapes: dict[str, tuple[int, ...]], keep: Callable[[str], bool] = lambda name: True) -> int:
     """Number of parameters among `shapes` whose name `keep` accepts."""
     return sum(math.prod(shape) for name, shape in shapes.items() if keep(name))
 
@@ -236,10 +236,7 @@ def communication(config: MoTGPTConfig, processes: int, groups_per_device: int =
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for index, strategy in enumerate(("ddp", "fsdp")):

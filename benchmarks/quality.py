@@ -24,13 +24,12 @@ resumes, a finished one is skipped (a resumed run's `training_seconds` count fro
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
-from common import RESULTS, VARIANTS, variant_config, variant_model, write_json
+from common import RESULTS, VARIANTS, machine_info, pyplot, variant_config, variant_model, write_json
+from safetensors import safe_open
 
 from mixture_of_tokens.card import flops_per_token, parameter_counts
 from mixture_of_tokens.run_log import train_or_reuse, validation_curve
@@ -150,7 +149,7 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
         "flops_per_token": flops_per_token(model),
         "training_seconds": round(seconds, 1),
         "timed_from_step": steps if started_at is None else started_at,
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()},
+        "machine": machine_info(),
     }
     write_json(record, curve_file)
     return record
@@ -158,8 +157,6 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
 
 def learned_temperatures(output_dir: Path) -> list[list[float]] | None:
     """The router temperatures a run learned, one list per MoT layer in layer order (None with fixed ones)."""
-    from safetensors import safe_open
-
     with safe_open(str(output_dir / "model.safetensors"), "pt") as weights:
         names = [name for name in weights.keys() if name.endswith("log_temperature")]
         # Layer order, not string order (h.10 after h.9).
@@ -361,10 +358,7 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
 
 
 def plot(curves: dict[str, dict], summary: dict, args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (tune_ax, final_ax, long_ax) = plt.subplots(1, 3, figsize=(16, 4.8))
     for index, (variant, losses) in enumerate(summary["tuning_final_loss"].items()):

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import queue
 import socket
 import statistics
@@ -39,8 +38,8 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import RESULTS, ROOT, write_json
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from common import RESULTS, ROOT, machine_info, pyplot, write_json
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM
 from mixture_of_tokens.data import load_sotu, pack, train_bpe_tokenizer
@@ -104,7 +103,7 @@ def trained_checkpoint(args: argparse.Namespace) -> Path:
     return output_dir
 
 
-def held_out_blocks(tokenizer, block_size: int, n_blocks: int) -> list[list[int]]:
+def held_out_blocks(tokenizer: PreTrainedTokenizerBase, block_size: int, n_blocks: int) -> list[list[int]]:
     """The first `n_blocks` blocks of the held-out speeches (a single short speech in quick mode)."""
     validation = load_sotu()["validation"]
     blocks = pack(validation.select(range(1)) if n_blocks < 16 else validation, tokenizer, block_size)
@@ -114,7 +113,7 @@ def held_out_blocks(tokenizer, block_size: int, n_blocks: int) -> list[list[int]
 class ServerProcess:
     """`mot-serve CHECKPOINT` on a free localhost port, as a subprocess, stopped with SIGTERM on exit."""
 
-    def __init__(self, checkpoint: Path, grouping: str, args: argparse.Namespace):
+    def __init__(self, checkpoint: Path, grouping: str, args: argparse.Namespace) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -137,7 +136,7 @@ class ServerProcess:
                 time.sleep(0.2)
         raise RuntimeError("mot-serve did not become ready in 300 s")
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.process.terminate()
         try:
             self.process.wait(timeout=60)
@@ -146,7 +145,9 @@ class ServerProcess:
             self.process.wait()
 
 
-def run_clients(send: Callable[[list[int]], tuple[int, int]], prompts: list[list[int]], args) -> dict:
+def run_clients(
+    send: Callable[[list[int]], tuple[int, int]], prompts: list[list[int]], args: argparse.Namespace
+) -> dict:
     """N clients, each sending its M prompts one after the other through `send` (which returns the number of new
     tokens and of requests in the answer's group): throughput and latency of the whole run."""
     per_client = [prompts[i :: args.clients] for i in range(args.clients)]
@@ -177,7 +178,9 @@ def run_clients(send: Callable[[list[int]], tuple[int, int]], prompts: list[list
     }
 
 
-def server_mode(url: str, prompts: list[list[int]], blocks: list[list[int]], eos: int, args) -> dict:
+def server_mode(
+    url: str, prompts: list[list[int]], blocks: list[list[int]], eos: int, args: argparse.Namespace
+) -> dict:
     """Throughput and latency of a running server, then the perplexity it serves on `blocks`."""
     client = httpx.Client(timeout=args.timeout, limits=httpx.Limits(max_connections=args.clients))
 
@@ -206,7 +209,9 @@ def server_mode(url: str, prompts: list[list[int]], blocks: list[list[int]], eos
     return result
 
 
-def one_at_a_time(model, prompts: list[list[int]], blocks: list[list[int]], eos: int, args) -> dict:
+def one_at_a_time(
+    model: MoTGPTForCausalLM, prompts: list[list[int]], blocks: list[list[int]], eos: int, args: argparse.Namespace
+) -> dict:
     """The same clients against a worker that answers one request at a time with `model.generate`."""
     jobs: queue.Queue = queue.Queue()
 
@@ -235,7 +240,7 @@ def one_at_a_time(model, prompts: list[list[int]], blocks: list[list[int]], eos:
     return result
 
 
-def full_group_perplexity(model, blocks: list[list[int]]) -> float:
+def full_group_perplexity(model: MoTGPTForCausalLM, blocks: list[list[int]]) -> float:
     """Perplexity of the blocks in groups of `group_size` consecutive blocks, as the model was trained."""
     size, ids = model.config.group_size, torch.tensor(blocks)
     with torch.no_grad():
@@ -244,10 +249,7 @@ def full_group_perplexity(model, blocks: list[list[int]]) -> float:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     modes = list(results["modes"])
     names = {"isolated": "isolated", "shared": "shared", "one_at_a_time": "one at a time\n(generate)"}
@@ -320,12 +322,7 @@ def run(checkpoint: Path, args: argparse.Namespace) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "checkpoint", "runs_dir")},
         "modes": modes,
         "perplexity_full_groups": full_group_perplexity(model, blocks),
-        "machine": {
-            "torch": torch.__version__,
-            "threads": args.threads,
-            "cpu": platform.processor() or "unknown",
-            "cores": os.cpu_count(),
-        },  # fmt: skip
+        "machine": machine_info() | {"cores": os.cpu_count()},
     }
 
 

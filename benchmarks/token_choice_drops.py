@@ -25,9 +25,10 @@ from pathlib import Path
 # trained when missing) by that benchmark's own run ids, learning-rate tuning and training.
 import quality
 import torch
-from common import RESULTS, machine_info, rounded, write_json
+from common import RESULTS, machine_info, pyplot, rounded, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.data import head, load_sotu, pack
 from mixture_of_tokens.modeling_mot import TokenChoiceLayer
 
@@ -71,7 +72,7 @@ def token_choice_run(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 @torch.no_grad()
-def dropped_assignments(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def dropped_assignments(model: MoTGPTForCausalLM, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each Token Choice layer, from its own routing of the inputs it receives on `ids` (all tokens real): which
     assignments its capacity drops and the chosen experts, both `(batch_size, seq_len, k)`."""
     inputs = []
@@ -94,7 +95,7 @@ def dropped_assignments(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, to
     return dropped
 
 
-def drop_rates(model, ids: torch.Tensor, batch_size: int) -> dict:
+def drop_rates(model: MoTGPTForCausalLM, ids: torch.Tensor, batch_size: int) -> dict:
     """Drop rates of each layer on `ids` fed in batches of `batch_size` (by position, by quarter, overall), and how
     unbalanced its router is: the busiest expert's share of first choices over the uniform share, idle experts."""
     per_batch = [dropped_assignments(model, batch) for batch in ids.split(batch_size)]
@@ -115,10 +116,7 @@ def drop_rates(model, ids: torch.Tensor, batch_size: int) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     measurements = results["measurements"]
     fig, axes = plt.subplots(1, len(measurements), figsize=(5.5 * len(measurements), 3.8), sharey=True)

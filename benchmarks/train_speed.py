@@ -31,6 +31,7 @@ from common import (
     machine_info,
     make_step,
     median_ratio,
+    pyplot,
     variant_config,
     variant_model,
     write_json,
@@ -116,10 +117,7 @@ def measure_time(args: argparse.Namespace) -> tuple[dict[str, list[float]], int]
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(results["step_ms"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -36,6 +36,7 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -45,11 +46,13 @@ from common import (
     machine_info,
     make_step,
     median_ratio,
+    pyplot,
     rounded,
     time_generation,
     write_json,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.integrations import moe
 
 from mixture_of_tokens import MoTGPTForCausalLM
@@ -57,7 +60,7 @@ from mixture_of_tokens.conversion import mot_to_token_choice
 from mixture_of_tokens.data import head, load_sotu, load_text, pack, sotu_speech_files
 from mixture_of_tokens.evaluation import evaluate_perplexity
 from mixture_of_tokens.run_log import read_metrics, train_or_reuse, validation_curve
-from mixture_of_tokens.training import parse_args, run_training
+from mixture_of_tokens.training import MoTTrainingArguments, ScriptArguments, parse_args, run_training
 from mixture_of_tokens.transition import TRANSITION_DEFAULTS, TransitionArguments, run_transition_tuning
 
 TARGET = 0.02  # converted model's validation loss within 2% of the MoT model's after N steps
@@ -133,7 +136,9 @@ def data_arguments(args: argparse.Namespace) -> list[str]:
     return common + ["--corpus", *map(str, files[100:103]), "--validation", str(files[-1]), "--vocab_size", "300"]
 
 
-def train(output_dir: Path, argv: list[str], run=run_training) -> Path:
+def train(
+    output_dir: Path, argv: list[str], run: Callable[[ScriptArguments, MoTTrainingArguments], object] = run_training
+) -> Path:
     """Train with the arguments `argv` into `output_dir` (resumed, or reused when finished) through `run`."""
     train_or_reuse(*parse_args(argv + ["--output_dir", str(output_dir)]), run=run)
     return output_dir
@@ -147,17 +152,17 @@ def mot_arguments(args: argparse.Namespace, steps: int) -> list[str]:
     return argv + (["--model", *QUICK_MODEL] if args.quick else [])
 
 
-def validation_loss(run: Path, blocks, batch_size: int, **kwargs) -> float:
+def validation_loss(run: Path, blocks: Dataset, batch_size: int, **kwargs: object) -> float:
     return evaluate_perplexity(load(run), blocks, batch_size, **kwargs)["mean_nll"]
 
 
-def load(run: Path):
+def load(run: Path) -> MoTGPTForCausalLM:
     """A saved model for inference: no auxiliary loss (a tuning checkpoint's config still has it on)."""
     return AutoModelForCausalLM.from_pretrained(run, output_router_logits=False).eval()
 
 
 @torch.no_grad()
-def router_balance(model, ids: torch.Tensor, batch_size: int) -> list[dict]:
+def router_balance(model: MoTGPTForCausalLM, ids: torch.Tensor, batch_size: int) -> list[dict]:
     """For each Token Choice layer, on the tokens of `ids`: the busiest expert's share of the first choices over the
     uniform share, the number of experts that are nobody's first choice, and the rows a buffer sized by the busiest
     expert's load would make every expert multiply, over the k rows per token of sorted dispatch (what the layer
@@ -188,7 +193,7 @@ def prompts(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return ids[:, :prompt_len], ids.shape[1] - prompt_len
 
 
-def expert_rows_per_assignment(model, ids: torch.Tensor) -> dict[str, float]:
+def expert_rows_per_assignment(model: MoTGPTForCausalLM, ids: torch.Tensor) -> dict[str, float]:
     """Rows the expert matmuls of `model` process (counted at transformers' `grouped_mm` experts kernel), over
     `num_experts_per_tok` times the
     tokens: in a training step (forward, whose rows the backward reuses, on `ids`) and in the decoding steps of
@@ -196,7 +201,7 @@ def expert_rows_per_assignment(model, ids: torch.Tensor) -> dict[str, float]:
     rows = []
     grouped_mm = moe._grouped_mm
 
-    def counting(tokens, weight, offs):
+    def counting(tokens: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         rows.append(int(offs[-1]))
         return grouped_mm(tokens, weight, offs)
 
@@ -270,10 +275,7 @@ def plot(results: dict, path: Path) -> None:
     against the MoT model's loss and the 2% target. Bottom: the busiest expert's share of first choices along tuning
     (each layer; the uncalibrated conversion at step 0 for comparison), and step time and generation speed against
     the dense twin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     loss, mot_steps = results["validation_loss"], results["mot_steps"]
     tuning = results["tuning_curve"]
@@ -341,7 +343,9 @@ def tuning_arguments(args: argparse.Namespace, mot_run: Path, tuning_steps: int)
     return argv + ["--save_total_limit", str(tuning_steps)] + data_arguments(args)
 
 
-def serving_domain_files(validation, tokenizer, skip_tokens: int, folder: Path) -> list[str]:
+def serving_domain_files(
+    validation: Dataset, tokenizer: PreTrainedTokenizerBase, skip_tokens: int, folder: Path
+) -> list[str]:
     """The held-out speeches that start after the first `skip_tokens` tokens of the packed validation text (the
     blocks scored for loss and balance), one per file in `folder`: calibration text of the domain the model is
     measured on, disjoint from what is measured."""

@@ -51,7 +51,7 @@ def _one_of(choices: tuple) -> dict:
 def _mot_layers(value: object) -> bool:
     if isinstance(value, str):
         return value in MOT_LAYER_PRESETS
-    return isinstance(value, list)  # the indices are checked against n_layer in `validate_architecture`
+    return isinstance(value, (list, tuple))  # the indices are checked against n_layer in `validate_architecture`
 
 
 class MoTGPTConfig(GPT2Config):
@@ -115,11 +115,11 @@ class MoTGPTConfig(GPT2Config):
             Token Choice: experts per token. Expert Choice: average experts per token, so that each expert takes
             `capacity_factor * group_size * num_experts_per_tok / n_experts` tokens of a group.
         capacity_factor (`float`, *optional*, defaults to 1.0):
-            Token Choice: an expert takes at most `ceil(capacity_factor * tokens * num_experts_per_tok /
-            n_experts)` tokens of a batch; later ones are dropped (their update is 0), and every expert multiplies
-            a buffer of that many rows, full or not. `None` means no limit: nothing is dropped, each expert
-            multiplies only the tokens routed to it, and a row's output does not depend on the rest of the batch.
-            Expert Choice: see `num_experts_per_tok`.
+            Token Choice: an expert keeps at most `ceil(capacity_factor * tokens * num_experts_per_tok /
+            n_experts)` assignments of a batch; later ones are dropped (gate 0: no update), so what a row gets
+            depends on the batch. The experts compute every assignment either way. `None` means no limit: nothing
+            is dropped, and a row's output does not depend on the rest of the batch. Expert Choice: see
+            `num_experts_per_tok`.
         norm_topk_prob (`bool`, *optional*):
             Token Choice: whether a token's gates (the router probabilities of its chosen experts) are renormalized
             to sum to 1. `None` (default) renormalizes when `num_experts_per_tok > 1` (Mixtral) and keeps the raw
@@ -137,8 +137,8 @@ class MoTGPTConfig(GPT2Config):
             load-balancing loss, and a non-zero value for them is refused (trainers such as TRL's `SFTTrainer` read
             this field to decide whether to add one).
         output_router_logits (`bool`, *optional*, defaults to `False`):
-            Whether the model returns each expert layer's controller (router) logits, of shape
-            `(batch_size * seq_len, n_experts)` as in Mixtral.
+            Whether the model returns the router (controller) logits of each expert layer that has a router (every
+            type but `"uniform_mot"`), of shape `(batch_size * seq_len, n_experts)` as in Mixtral.
 
     Names used by other MoE models are mapped through `attribute_map`, so tools that read them (TRL, PEFT,
     transformers' MoE utilities) find them: `num_experts` and `num_local_experts` are `n_experts`,
@@ -281,8 +281,8 @@ class MoTGPTConfig(GPT2Config):
         super().validate_architecture()
 
     def check_router_aux_loss_coef(self) -> None:
-        """Refuse a load-balancing coefficient for a layer that takes none. Also called by the model when it is asked
-        for router logits, since trainers (TRL's `SFTTrainer`) write the coefficient into a built config."""
+        """Refuse a load-balancing coefficient for a layer that takes none. Also called by the model at every forward
+        pass, since trainers (TRL's `SFTTrainer`) write the coefficient into a built config."""
         if self.router_aux_loss_coef and self.ffn_type != "token_choice":
             raise ValueError(
                 f"`router_aux_loss_coef`={self.router_aux_loss_coef!r} is only for ffn_type='token_choice'; "

@@ -88,7 +88,7 @@ def flop_matched_experts_per_token(config: MoTGPTConfig) -> int:
 
 def output_scale(config: MoTGPTConfig) -> float:
     """`n_experts / group_size`: the total mixing weight a MoT token receives on average, by which the converted
-    experts' `w_out` and `b_out` are multiplied (renormalized Token Choice gates sum to 1, for any k)."""
+    experts' `down_proj` and `down_proj_bias` are multiplied (renormalized Token Choice gates sum to 1, for any k)."""
     return config.n_experts / config.group_size
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from transformers.utils import cached_file
 
 FILLER_FILE = "group_fillers.json"
 
@@ -52,8 +53,6 @@ def load_filler_bank(source: str | Path, group_size: int, min_length: int | None
     if path.is_dir():
         path = path / FILLER_FILE
     elif not path.exists() and not str(source).endswith(".json"):
-        from transformers.utils import cached_file
-
         resolved = cached_file(str(source), FILLER_FILE, _raise_exceptions_for_missing_entries=False)
         path = Path(resolved) if resolved else path / FILLER_FILE
     if not path.is_file():

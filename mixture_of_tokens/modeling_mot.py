@@ -176,24 +176,40 @@ class BatchedExperts(nn.Module):
 class TokenChoiceExperts(BatchedExperts):
     """Token Choice's experts, behind transformers' experts interface: `config._experts_implementation` picks the
     forward ("grouped_mm" by default: the routed rows sorted by expert, one grouped matmul; "batched_mm"; or "eager",
-    the loop below). The weights are [`BatchedExperts`]'; each token's k rows are computed by their experts only."""
+    [`eager_experts_forward`]). The weights are [`BatchedExperts`]'; each token's k rows are computed by their
+    experts only."""
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """`hidden_states` `(n_tokens, n_embd)`, each token's experts and gates `(n_tokens, k)` -> the gate-weighted
         sum of its experts' outputs, `(n_tokens, n_embd)`."""
-        update = torch.zeros_like(hidden_states)
-        for expert in top_k_index.unique().tolist():
-            token, slot = torch.where(top_k_index == expert)
-            hidden = hidden_states[token] @ self.up_proj[expert]
-            if self.up_proj_bias is not None:
-                hidden = hidden + self.up_proj_bias[expert]
-            out = self.activation(hidden) @ self.down_proj[expert]
-            if self.down_proj_bias is not None:
-                out = out + self.down_proj_bias[expert]
-            update.index_add_(0, token, (out * top_k_weights[token, slot, None]).to(update.dtype))
-        return update
+        return eager_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def eager_experts_forward(
+    experts: BatchedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """[`TokenChoiceExperts.forward`] as a loop over the experts that have tokens, each on its own rows."""
+    update = torch.zeros_like(hidden_states)
+    for expert in top_k_index.unique().tolist():
+        token, slot = torch.where(top_k_index == expert)
+        hidden = hidden_states[token] @ experts.up_proj[expert]
+        if experts.up_proj_bias is not None:
+            hidden = hidden + experts.up_proj_bias[expert]
+        out = experts.activation(hidden) @ experts.down_proj[expert]
+        if experts.down_proj_bias is not None:
+            out = out + experts.down_proj_bias[expert]
+        update.index_add_(0, token, (out * top_k_weights[token, slot, None]).to(update.dtype))
+    return update
+
+
+def grouped_mm_kernel_fits(experts: BatchedExperts) -> bool:
+    """Whether torch's grouped matmul kernel takes these experts' weights: float32, bfloat16 or float16, and rows
+    that span multiples of 16 bytes (transformers' `grouped_mm` experts forward calls it without checking either)."""
+    weight = experts.up_proj
+    dtype_ok = weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return dtype_ok and all(size * weight.element_size() % 16 == 0 for size in weight.shape[1:])
 
 
 def to_groups(
@@ -328,14 +344,19 @@ class TokenChoiceLayer(nn.Module):
         batch_size, seq_len, d = hidden_states.shape
         mask = check_token_mask(token_mask, hidden_states)
         x = hidden_states.reshape(-1, d)  # (n_tokens, d), row by row
-        if mask is not None:
-            x = x.masked_fill(~mask.flatten()[:, None], 0.0)  # a zero gate times a non-finite state is still NaN
         gates, chosen = self.top_k(self.router(x))
         if mask is not None:
-            gates = gates * mask.flatten()[:, None]
+            real = mask.flatten()[:, None]
+            x = x.masked_fill(~real, 0.0)  # a zero gate times a non-finite padding state would still be NaN
+            gates = gates.masked_fill(~real, 0.0)
         if self.capacity_factor is not None:
-            gates = gates * self.within_capacity(chosen, mask, batch_size)
-        update = self.experts(x, chosen, gates.to(x.dtype))
+            gates = gates.masked_fill(~self.within_capacity(chosen, mask, batch_size), 0.0)
+        gates = gates.to(x.dtype)
+        if self.experts.config._experts_implementation == "grouped_mm" and not grouped_mm_kernel_fits(self.experts):
+            # float64 or odd widths: the loop over experts, instead of the kernel's error.
+            update = eager_experts_forward(self.experts, x, chosen, gates)
+        else:
+            update = self.experts(x, chosen, gates)
         return self.dropout(update.view_as(hidden_states))
 
     def top_k(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,7 +460,9 @@ class MoTGPTBlock(GradientCheckpointingLayer):
         is_expert_layer = layer_idx in config.mot_layer_indices
         self.mlp = EXPERT_LAYERS[config.ffn_type](config) if is_expert_layer else MLP(config.d_ff, config)
         self.attn.c_proj.writes_residual = True
-        if not is_expert_layer:
+        if is_expert_layer:
+            self.mlp.register_load_state_dict_pre_hook(rename_legacy_weights)
+        else:
             self.mlp.c_proj.writes_residual = True
             if config.mlp_init == "experts":
                 self.mlp.c_fc.init_like_experts = self.mlp.c_proj.init_like_experts = True
@@ -471,16 +494,26 @@ class MoTGPTBlock(GradientCheckpointingLayer):
         return hidden_states + mlp_output
 
 
-# The weight names of checkpoints saved before the expert layers had a router and an experts module (transformers'
-# `key_mapping` renames them on load; the layouts did not change).
-LEGACY_KEY_MAPPING = {
-    r"\.mlp\.controller$": ".mlp.router.weight",
-    r"\.mlp\.router_bias$": ".mlp.router.bias",
-    r"\.mlp\.w_in$": ".mlp.experts.up_proj",
-    r"\.mlp\.w_out$": ".mlp.experts.down_proj",
-    r"\.mlp\.b_in$": ".mlp.experts.up_proj_bias",
-    r"\.mlp\.b_out$": ".mlp.experts.down_proj_bias",
+# The weight names of an expert layer in checkpoints saved before it had a router and an experts module, and the
+# names they have now (the layouts did not change). `from_pretrained` renames them through transformers'
+# `key_mapping` (regular expressions on whole keys); `load_state_dict` (what `Trainer` resumes a checkpoint with)
+# through [`rename_legacy_weights`].
+LEGACY_WEIGHT_NAMES = {
+    "controller": "router.weight",
+    "router_bias": "router.bias",
+    "w_in": "experts.up_proj",
+    "w_out": "experts.down_proj",
+    "b_in": "experts.up_proj_bias",
+    "b_out": "experts.down_proj_bias",
 }
+LEGACY_KEY_MAPPING = {rf"\.mlp\.{old}$": f".mlp.{new}" for old, new in LEGACY_WEIGHT_NAMES.items()}
+
+
+def rename_legacy_weights(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """`load_state_dict` pre-hook of an expert layer: its weights under legacy names take their current ones."""
+    for old, new in LEGACY_WEIGHT_NAMES.items():
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 def trunc_normal_scaled(weight: torch.Tensor, scale: float, fan_in: int) -> None:
@@ -718,7 +751,8 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         Args are those of [`MoTGPTModel.forward`], plus:
             labels: `(batch_size, seq_len)` targets for the language-modeling loss; they are shifted inside, so
                 `labels = input_ids` works; -100 is ignored.
-            output_router_logits: return each MoT layer's controller logits `(batch_size, seq_len, n_experts)`.
+            output_router_logits: return the router logits of each expert layer that has a router (all but uniform
+                MoT), `(batch_size * seq_len, n_experts)` each.
             logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 = all), or for the
                 positions in a 1-D index tensor.
 

@@ -162,7 +162,7 @@ tokenizer, in OUTPUT_DIR/converted, then fine-tuned like `mot-finetune` into OUT
 `--resume` and every argument of `mot-train` work the same (all listed here), with other defaults:
 `--learning_rate 3e-4 --warmup_steps 0.1 --max_steps 100 --output_dir runs/transition-tuned`.
 `--num_experts_per_tok` (default: FLOP-matched d_ff / expert_size) and `--capacity_factor` (default: no limit, which
-keeps the model batch-independent and computes only the routed tokens) set the Token Choice layers. The router starts
+keeps the model batch-independent and drops no token) set the Token Choice layers. The router starts
 balanced: its bias is calibrated on `--calibration_blocks` (64) blocks of the training corpus (or of
 `--calibration_corpus`, text like what the model will serve), again after tuning. Tuning adds the
 load-balancing loss; the saved model computes none unless asked. The result loads with `AutoModelForCausalLM`, with or

@@ -1,5 +1,5 @@
 # Sourced by the project's entry scripts: creates .venv with the CPU build of torch and the project installed.
-# torch is installed first and pinned, so that the `torch>=2.4` requirement does not pull a multi-GB CUDA build.
+# torch is installed first and pinned, so that the `torch>=2.6` requirement does not pull a multi-GB CUDA build.
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 PYTHON="${PYTHON:-python3}"

@@ -16,7 +16,9 @@ import layer_speed  # noqa: E402
 import quality  # noqa: E402
 import train_speed  # noqa: E402
 
+from mixture_of_tokens import MoTGPTForCausalLM  # noqa: E402
 from mixture_of_tokens.data import sotu_speech_files  # noqa: E402
+from mixture_of_tokens.presets import preset_config  # noqa: E402
 
 
 def test_steps_to_reach_interpolates_between_evaluations():
@@ -28,9 +30,6 @@ def test_steps_to_reach_interpolates_between_evaluations():
 
 
 def test_quality_benchmark_configs_differ_from_dense_only_in_the_layer():
-    from mixture_of_tokens import MoTGPTForCausalLM
-    from mixture_of_tokens.presets import preset_config
-
     configs = {}
     for variant in quality.VARIANTS:
         spec = quality.variant_config(variant, "tiny")
@@ -50,9 +49,6 @@ def test_quality_benchmark_configs_differ_from_dense_only_in_the_layer():
 
 
 def test_learned_temperatures_are_read_per_layer_in_layer_order(tmp_path):
-    from mixture_of_tokens import MoTGPTForCausalLM
-    from mixture_of_tokens.presets import preset_config
-
     config = preset_config("mot-tiny", vocab_size=64, n_positions=16, n_layer=11, learnable_temperature="layer")
     model = MoTGPTForCausalLM(config)
     with torch.no_grad():
@@ -202,6 +198,7 @@ def test_generation_speed_benchmark_compares_motgpt_with_gpt2(tmp_path, keep_thr
     assert json.loads(out.read_text()) == report and out.with_suffix(".png").stat().st_size > 0
     assert [row["batch_size"] for row in report["results"]] == [8, 16]
     assert all(row["ratio_motgpt_to_gpt2"] > 0 for row in report["results"])
+    assert {"torch", "threads", "cpu"} <= report["machine"].keys()  # common.machine_info()
 
 
 def test_regime_stage_trains_the_asked_seeds_of_the_asked_variants(tmp_path, monkeypatch):

@@ -328,3 +328,15 @@ def test_a_checkpoint_with_the_legacy_weight_names_loads_and_is_saved_with_the_n
     with torch.no_grad():
         reloaded = MoTGPTForCausalLM.from_pretrained(tmp_path).eval()(expected["input_ids"]).logits
     torch.testing.assert_close(reloaded, expected["logits"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ffn_type", ["mot", "token_choice"])
+def test_load_state_dict_renames_the_legacy_weight_names_as_trainer_resuming_needs(ffn_type):
+    # `Trainer` resumes a checkpoint with `model.load_state_dict`, not `from_pretrained`.
+    folder = FIXTURES / f"legacy_{ffn_type}"
+    expected = load_file(folder / "expected.safetensors")
+    model = MoTGPTForCausalLM(MoTGPTForCausalLM.config_class.from_pretrained(folder)).eval()
+    result = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}  # tied to the embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["input_ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-6)

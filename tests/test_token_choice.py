@@ -53,19 +53,34 @@ def reference(layer: TokenChoiceLayer, x: torch.Tensor, mask: torch.Tensor) -> t
 
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
 @pytest.mark.parametrize(
-    ("dtype", "k", "expert_bias", "tolerance"),
-    [(torch.float64, 1, False, 1e-10), (torch.float64, 2, True, 1e-10), (torch.float64, 8, True, 1e-10),
-     (torch.float32, 2, True, 1e-5), (torch.float32, 3, False, 1e-5)],
-    ids=["f64-k1", "f64-k2-bias", "f64-all-experts", "f32-k2-bias", "f32-k3"],
+    ("dtype", "k", "expert_bias", "width", "tolerance"),
+    [(torch.float64, 1, False, 16, 1e-10), (torch.float64, 2, True, 16, 1e-10), (torch.float64, 8, True, 16, 1e-10),
+     (torch.float32, 2, True, 16, 1e-5), (torch.float32, 3, False, 16, 1e-5), (torch.float32, 2, True, 6, 1e-5)],
+    ids=["f64-k1", "f64-k2-bias", "f64-all-experts", "f32-k2-bias", "f32-k3", "f32-odd-width"],
 )  # fmt: skip
-def test_dropless_layer_equals_a_plain_loop(implementation, dtype, k, expert_bias, tolerance):
-    if implementation == "grouped_mm" and dtype == torch.float64:
-        pytest.skip("torch's grouped_mm kernel takes float32, bfloat16 and float16 only (docs/model.md)")
-    layer = dropless_layer(dtype, implementation, num_experts_per_tok=k, expert_bias=expert_bias, expert_size=16)
+def test_dropless_layer_equals_a_plain_loop(implementation, dtype, k, expert_bias, width, tolerance):
+    # torch's grouped_mm kernel takes neither float64 nor rows of 6 floats (24 bytes): the layer loops over experts.
+    layer = dropless_layer(dtype, implementation, num_experts_per_tok=k, expert_bias=expert_bias, expert_size=width)
     assert layer.experts.has_bias == expert_bias
     x = torch.randn(B, S, D, dtype=dtype)
     mask = (torch.rand(B, S, generator=torch.Generator().manual_seed(1)) > 0.3).long()
     torch.testing.assert_close(layer(x, token_mask=mask), reference(layer, x, mask), rtol=tolerance, atol=tolerance)
+
+
+def test_padding_states_change_no_router_logit_of_a_real_token_and_reach_no_output():
+    model = MoTGPTForCausalLM(tiny_config(ffn_type="token_choice", capacity_factor=None)).eval()
+    ids, mask = random_ids(3, 6), torch.ones(3, 6, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    inputs = []
+    model.transformer.h[0].mlp.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_router_logits=True)
+        other = model(ids.masked_fill(mask == 0, 7), attention_mask=mask, output_router_logits=True)
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], other.logits[real], rtol=1e-5, atol=1e-6)
+    # The router logits of every token (padding included) are those of its own hidden state, as before the roles.
+    expected = inputs[0].reshape(3 * 6, -1) @ model.transformer.h[0].mlp.router.weight
+    torch.testing.assert_close(out.router_logits[0], expected)
 
 
 @pytest.fixture
