@@ -48,6 +48,7 @@ def build_layers(d: int, n_experts: int, layer_types: tuple[str, ...] = LAYER_TY
             group_size=GROUP_SIZE,
             resid_pdrop=0.0,
             ffn_type=ffn_type,
+            experts_implementation="grouped_mm",  # a model's default; a lone layer would fall back to the loop
         )
         layers[ffn_type] = EXPERT_LAYERS[ffn_type](config)
     config.activation_function = config.expert_activation

@@ -13,10 +13,11 @@ in batches made of whole groups, in one of two modes (`--grouping`):
 
 Models that need no groups (`config.uses_groups` False: dense, Token Choice, transition-tuned) are batched plainly.
 
-A request is validated in `protocol.py`, queued and grouped in `engine.py`, answered in `api.py`; `cli.py` is the
-command. The model lives in one worker thread, the [`Engine`]; the HTTP handlers hand it [`Job`]s (one per prompt) and
-read its [`Event`]s back. Requests join the running batch as new groups (their prompts are run as a batch of their own,
-then their cache is appended), and a group leaves the batch when its last request is done.
+A request is parsed and validated in `protocol.py`, checked against the served model in `api.py`, queued and grouped
+in `engine.py`, answered in `api.py` with `protocol.py`'s response models; `cli.py` is the command. The model lives in
+one worker thread, the [`Engine`]; the HTTP handlers hand it [`Job`]s (one per prompt) and read its [`Event`]s back.
+Requests join the running batch as new groups (their prompts are run as a batch of their own, then their cache is
+appended), and a group leaves the batch when its last request is done.
 
 The engine needs neither FastAPI nor pydantic (the `serve` extra): this package exports it alone; the app is
 `mixture_of_tokens.serving.api.create_app` and the command `mixture_of_tokens.serving.cli.main`.

@@ -1,80 +1,106 @@
 """The HTTP side of `mot-serve`: a FastAPI app whose routes read a typed request (`protocol.py`), hand its prompts to
-the [`Engine`] as [`Job`]s, and turn the jobs' [`Event`]s into OpenAI's JSON answers or server-sent events."""
+the [`Engine`] as [`Job`]s, and turn the jobs' [`Event`]s into `protocol.py`'s typed answers, sent as JSON or as
+server-sent events."""
 
 import asyncio
 import json
-import time
-import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from .engine import Engine, Event, Job, QueueFull, SamplingParams, TokenInfo
-from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, RequestBase, parse_body
+from .protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionResponseStreamChoice,
+    CompletionStreamResponse,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+    Logprobs,
+    ModelCard,
+    ModelList,
+    RequestBase,
+    UsageInfo,
+    now,
+    parse_body,
+)
 
 GROUPING_HEADER = "X-MoT-Grouping"
+
+StreamChoice = CompletionResponseStreamChoice | ChatCompletionResponseStreamChoice
+CompletionChoiceT = TypeVar("CompletionChoiceT", CompletionResponseChoice, CompletionResponseStreamChoice)
 
 
 @dataclass(frozen=True)
 class ChunkFormat:
-    """How an endpoint streams: the object type and id prefix of its chunks, the choice each event becomes, and the
-    choice sent before any event (chat's announces the assistant's role)."""
+    """How an endpoint streams: the model of its chunks, the choice each event becomes, and the choice sent before
+    any event (chat's announces the assistant's role)."""
 
-    object_type: str
-    id_prefix: str
-    choice: Callable[[Event], dict]
-    opening: dict | None = None
-
-
-def with_group(choice: dict, event: Event) -> dict:
-    """A choice that ends its prompt also says how many requests its group held."""
-    return choice | {"mot_group_requests": event.group_requests} if event.finish_reason is not None else choice
+    response: type[CompletionStreamResponse | ChatCompletionStreamResponse]
+    choice: Callable[[Event], StreamChoice]
+    opening: ChatCompletionResponseStreamChoice | None = None
 
 
-def completion_choice(event: Event, logprobs: bool) -> dict:
+def group_fields(event: Event) -> dict[str, int]:
+    """A choice that ends its prompt also says how many requests its group held: its `mot_group_requests`."""
+    return {"mot_group_requests": event.group_requests} if event.finish_reason is not None else {}
+
+
+def completion_choice(choice_class: type[CompletionChoiceT], event: Event, logprobs: bool) -> CompletionChoiceT:
     """A completion's choice for one streamed event, or for all of a prompt's events merged by [`collect`]."""
-    choice = {"index": event.index, "text": event.text, "finish_reason": event.finish_reason,
-              "logprobs": logprobs_json(event.tokens) if logprobs else None}  # fmt: skip
-    return with_group(choice, event)
+    return choice_class(index=event.index, text=event.text, finish_reason=event.finish_reason,
+                        logprobs=logprobs_of(event.tokens) if logprobs else None, **group_fields(event))  # fmt: skip
 
 
-def chat_delta(event: Event) -> dict:
-    delta = {"content": event.text} if event.text else {}
-    return with_group({"index": 0, "delta": delta, "finish_reason": event.finish_reason, "logprobs": None}, event)
+def chat_delta(event: Event) -> ChatCompletionResponseStreamChoice:
+    delta = DeltaMessage(content=event.text) if event.text else DeltaMessage()
+    return ChatCompletionResponseStreamChoice(index=0, delta=delta, finish_reason=event.finish_reason, logprobs=None,
+                                              **group_fields(event))  # fmt: skip
 
 
 CHAT_CHUNKS = ChunkFormat(
-    "chat.completion.chunk", "chatcmpl", chat_delta,
-    opening={"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+    ChatCompletionStreamResponse, chat_delta,
+    opening=ChatCompletionResponseStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""),
+                                               finish_reason=None),
 )  # fmt: skip
 
 
 class Server:
-    """The request handling between HTTP and the [`Engine`]: the checks that need the model (its name, vocabulary and
-    context length), tokenization, jobs, and the answers made of their events."""
+    """The request handling between HTTP and the [`Engine`]: the checks that need the served model (its name,
+    vocabulary, context length and tokenizer), tokenization, jobs, and the response models made of their events."""
 
     def __init__(self, engine: Engine, model_name: str):
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
-        self.created = int(time.time())
+        self.created = now()
         self.headers = {GROUPING_HEADER: engine.grouping}
 
     def health(self) -> dict:
         engine = self.engine
         return {"status": "ok", "grouping": engine.grouping, "running": engine.running, "waiting": engine.waiting}
 
-    def models(self) -> dict:
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mixture-of-tokens",
-                "mot_grouping": self.engine.grouping, "group_size": self.engine.group_size,
-                "max_model_len": self.engine.context_limit}  # fmt: skip
-        return {"object": "list", "data": [card]}
+    def models(self) -> ModelList:
+        card = ModelCard(id=self.model_name, created=self.created, mot_grouping=self.engine.grouping,
+                         group_size=self.engine.group_size, max_model_len=self.engine.context_limit)  # fmt: skip
+        return ModelList(data=[card])
 
     async def complete(self, request: CompletionRequest, http: Request) -> Response:
         """One choice per prompt, in the prompts' order: streamed, or all together when every prompt is done."""
@@ -82,10 +108,12 @@ class Server:
         events = self.submit(jobs, queue, http)
         choice = partial(completion_choice, logprobs=request.logprobs is not None)
         if request.stream:
-            return self.stream(events, request, ChunkFormat("text_completion", "cmpl", choice))
+            chunks = ChunkFormat(CompletionStreamResponse, partial(choice, CompletionResponseStreamChoice))
+            return self.stream(events, request, chunks)
         finals = await collect(events, len(jobs))
         check_errors(finals)
-        return self.answer("text_completion", "cmpl", [choice(final) for final in finals], finals)
+        choices = [choice(CompletionResponseChoice, final) for final in finals]
+        return self.answer(CompletionResponse(**self.envelope(), choices=choices, usage=usage_of(finals)))
 
     async def chat(self, request: ChatCompletionRequest, http: Request) -> Response:
         """The assistant's message: streamed, or whole when it is done."""
@@ -95,9 +123,10 @@ class Server:
             return self.stream(events, request, CHAT_CHUNKS)
         (final,) = await collect(events, 1)
         check_errors([final])
-        message = {"role": "assistant", "content": final.text}
-        choice = {"index": 0, "message": message, "finish_reason": final.finish_reason, "logprobs": None}
-        return self.answer("chat.completion", "chatcmpl", [with_group(choice, final)], [final])
+        message = ChatMessage(role="assistant", content=final.text)
+        choice = ChatCompletionResponseChoice(index=0, message=message, finish_reason=final.finish_reason,
+                                              logprobs=None, **group_fields(final))  # fmt: skip
+        return self.answer(ChatCompletionResponse(**self.envelope(), choices=[choice], usage=usage_of([final])))
 
     def completion_jobs(self, request: CompletionRequest) -> tuple[list[Job], asyncio.Queue]:
         """One job per prompt, and the queue their events arrive in."""
@@ -181,13 +210,13 @@ class Server:
             raise ApiError(503, str(error), None, "queue_full") from error
         return events_of(http, jobs, queue)
 
-    def envelope(self, object_type: str, prefix: str) -> dict:
-        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": object_type, "created": int(time.time()),
-                "model": self.model_name, "mot_grouping": self.engine.grouping}  # fmt: skip
+    def envelope(self) -> dict[str, str]:
+        """The fields of every answer and chunk that come from the server (`id`, `object`, `created` are the models'
+        own): the model's name and the grouping mode."""
+        return {"model": self.model_name, "mot_grouping": self.engine.grouping}
 
-    def answer(self, object_type: str, prefix: str, choices: list[dict], finals: list[Event]) -> JSONResponse:
-        body = self.envelope(object_type, prefix) | {"choices": choices, "usage": usage_json(finals)}
-        return JSONResponse(body, headers=self.headers)
+    def answer(self, response: CompletionResponse | ChatCompletionResponse) -> JSONResponse:
+        return JSONResponse(response.model_dump(), headers=self.headers)
 
     def stream(self, events: AsyncIterator[Event], request: RequestBase, chunks: ChunkFormat) -> StreamingResponse:
         return StreamingResponse(self.sse(events, chunks, request.include_usage), media_type="text/event-stream",
@@ -197,20 +226,20 @@ class Server:
         """Server-sent events: one chunk per event, an error object if decoding failed, usage if asked, [DONE]."""
 
         def chunk(**fields) -> str:
-            return sse_line(self.envelope(chunks.object_type, chunks.id_prefix) | fields)
+            return sse_line(chunks.response(**self.envelope(), **fields))
 
         if chunks.opening is not None:
             yield chunk(choices=[chunks.opening])
         finals = []
         async for event in events:
             if event.error is not None:
-                yield sse_line({"error": {"message": event.error, "type": "server_error"}})
+                yield sse_line(ErrorResponse(error=ErrorInfo(message=event.error, type="server_error")))
                 continue
             if event.finish_reason is not None:
                 finals.append(event)
             yield chunk(choices=[chunks.choice(event)])
         if include_usage:
-            yield chunk(choices=[], usage=usage_json(finals))
+            yield chunk(choices=[], usage=usage_of(finals))
         yield "data: [DONE]\n\n"
 
 
@@ -250,27 +279,23 @@ async def collect(events: AsyncIterator[Event], n_prompts: int) -> list[Event]:
     return [replace(finals[i], text=texts[i], tokens=tokens[i]) for i in range(n_prompts)]
 
 
-def sse_line(data: dict) -> str:
-    return f"data: {json.dumps(data)}\n\n"
+def sse_line(data: BaseModel) -> str:
+    return f"data: {json.dumps(data.model_dump())}\n\n"
 
 
-def logprobs_json(tokens: list[TokenInfo]) -> dict:
-    """OpenAI's legacy `logprobs` object: per token its text, logprob, top alternatives and offset in the answer."""
+def logprobs_of(tokens: list[TokenInfo]) -> Logprobs:
+    """The tokens' [`Logprobs`], each token's offset counted from the start of the events' text."""
     offsets, start = [], 0
     for token in tokens:
         offsets.append(start)
         start += len(token.text)
-    return {
-        "tokens": [t.text for t in tokens],
-        "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [t.top for t in tokens],
-        "text_offset": offsets,
-    }
+    return Logprobs(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens],
+                    top_logprobs=[t.top for t in tokens], text_offset=offsets)  # fmt: skip
 
 
-def usage_json(finals: list[Event]) -> dict:
+def usage_of(finals: list[Event]) -> UsageInfo:
     prompt, completion = sum(e.prompt_tokens for e in finals), sum(e.completion_tokens for e in finals)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def check_errors(finals: list[Event]) -> None:
@@ -296,7 +321,7 @@ async def health(request: Request) -> dict:
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
-    return server_of(request).models()
+    return server_of(request).models().model_dump()
 
 
 @router.post("/v1/completions")
@@ -314,7 +339,7 @@ async def chat_completions(request: Request) -> Response:
 async def api_error(request: Request, error: ApiError) -> JSONResponse:
     """An [`ApiError`] as OpenAI answers it; a full queue (503) also tells the client when to retry."""
     headers = {"Retry-After": "1"} if error.status == 503 else None
-    return JSONResponse(error.to_json(), status_code=error.status, headers=headers)
+    return JSONResponse(error.to_response().model_dump(), status_code=error.status, headers=headers)
 
 
 async def http_error(request: Request, error: HTTPException) -> JSONResponse:

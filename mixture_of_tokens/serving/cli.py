@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 import torch
+import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..fillers import load_filler_bank
 from .api import create_app
-from .engine import GROUPINGS, Engine, logger
+from .engine import GROUPINGS, Engine
+
+logger = logging.getLogger("mot-serve")  # the engine's logger: one name for all of the server's own lines
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,8 +73,6 @@ def load_engine(args: argparse.Namespace) -> Engine:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     try:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
 from ..fillers import check_filler_bank
@@ -69,7 +70,7 @@ class TextStream:
     """Turns a growing list of token ids into text deltas, cut at the first stop string. Text that could be the
     start of a stop string, or an incomplete UTF-8 character, is held back until the next tokens decide."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]):
         self.tokenizer = tokenizer
         self.stop = stop
         self.ids: list[int] = []
@@ -106,7 +107,7 @@ class Job:
         prompt_ids: list[int],
         params: SamplingParams,
         sink: Callable[[Event], None],
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         index: int = 0,
         prompt_text: str | None = None,
     ):
@@ -207,8 +208,8 @@ class Engine:
 
     def __init__(
         self,
-        model,
-        tokenizer,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
         fillers: torch.LongTensor | None = None,
         grouping: str = "isolated",
         max_batch_size: int = 32,
@@ -251,7 +252,7 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     @staticmethod
-    def _eos_ids(model, tokenizer) -> set[int]:
+    def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
         eos = model.generation_config.eos_token_id
         if eos is None:
             eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id

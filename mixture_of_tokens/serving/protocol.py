@@ -1,12 +1,18 @@
-"""The OpenAI API as `mot-serve` speaks it: the request bodies as pydantic models, their validation with errors that
-name the bad field, and [`ApiError`], an error in OpenAI's shape. No HTTP here: `api.py` reads the bodies and writes
-the answers."""
+"""The OpenAI API as `mot-serve` speaks it (the layout of vLLM's `entrypoints/openai/protocol.py`): the request
+bodies as pydantic models and the checks that need nothing but the body ([`parse_body`]: JSON, field types and ranges,
+unsupported options, `n`; `to_sampling_params`: stop strings, and the logit bias against the vocabulary size it is
+given), with errors that name the bad field; the response bodies as pydantic models; and [`ApiError`], an error in
+OpenAI's shape. No HTTP here, and no server state: `api.py` reads the bodies, makes the checks that need the served
+model (its name, vocabulary, context length and tokenizer) and builds the answers."""
 
 import json
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from .engine import SamplingParams
 
@@ -26,18 +32,6 @@ UNION_HINTS = {
     "stop": "a string or a list of up to 4 strings",
     "content": "a string or a list of text parts",
 }
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def to_json(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 class RequestBase(BaseModel):
@@ -100,8 +94,9 @@ class CompletionRequest(RequestBase):
         return replace(params, logprobs=self.logprobs, echo=bool(self.echo))
 
 
-class ChatMessage(BaseModel):
-    """One message of a chat: its role and its content, a string or a list of parts of which the text ones count."""
+class ChatCompletionMessageParam(BaseModel):
+    """One message of a chat request: its role and its content, a string or a list of parts of which the text ones
+    count."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -119,7 +114,7 @@ class ChatCompletionRequest(RequestBase):
 
     unsupported: ClassVar[dict[str, tuple]] = UNSUPPORTED_CHAT
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatCompletionMessageParam] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
 
 
@@ -162,3 +157,189 @@ def validation_message(error: dict) -> tuple[str, str]:
     hint = UNION_HINTS.get(field_name)
     problem = f"must be {hint}" if hint and error["type"].endswith("_type") else error["msg"]
     return f"invalid '{path}': {problem}", str(error["loc"][0])
+
+
+# ----------------------------------------------------------------------------------------------------- responses
+
+Grouping = Literal["isolated", "shared", "none"]
+
+
+def random_id(prefix: str) -> Callable[[], str]:
+    return lambda: f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class OpenAIBaseModel(BaseModel):
+    """A response body. Its JSON holds every field that was given, `null` included, and leaves out an optional field
+    left at its default of None (as vLLM's `exclude_unset`): `mot_group_requests` before a prompt's last chunk,
+    `usage` in a stream's other chunks, `role` in a chat delta. Fields that are always sent have no default."""
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {key: value for key, value in data.items() if value is not None or key in self.model_fields_set}
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: Literal["invalid_request_error", "server_error"]
+    param: str | None = None  # given (even as None) in HTTP errors, left out of a stream's error events
+    code: str | None = None
+
+
+class ErrorResponse(OpenAIBaseModel):
+    """OpenAI's error body, `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorInfo
+
+
+class ModelCard(OpenAIBaseModel):
+    """The served model in `GET /v1/models`, with this server's grouping, group size and context length."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mixture-of-tokens"
+    mot_grouping: Grouping
+    group_size: int
+    max_model_len: int
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Logprobs(OpenAIBaseModel):
+    """OpenAI's legacy completions `logprobs`: per token its text, its logprob (None for the first prompt token), its
+    top alternatives (None there too) and its offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionResponseChoice(OpenAIBaseModel):
+    """One prompt's answer, with the number of requests its group held (`mot_group_requests`, the rest were fillers)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: Logprobs | None
+    mot_group_requests: int
+
+
+class CompletionResponse(OpenAIBaseModel):
+    """`POST /v1/completions`: one choice per prompt, and the grouping mode that served them (`mot_grouping`)."""
+
+    id: str = Field(default_factory=random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    mot_grouping: Grouping
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo
+
+
+class CompletionResponseStreamChoice(OpenAIBaseModel):
+    """New text of one prompt; `mot_group_requests` only in the prompt's last chunk (the one with a finish reason)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: Logprobs | None
+    mot_group_requests: int | None = None
+
+
+class CompletionStreamResponse(OpenAIBaseModel):
+    """A server-sent chunk of `POST /v1/completions`; the last one, asked for with `stream_options.include_usage`,
+    has no choices and the `usage`."""
+
+    id: str = Field(default_factory=random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    mot_grouping: Grouping
+    choices: list[CompletionResponseStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ChatMessage(OpenAIBaseModel):
+    """The assistant's message in a chat answer."""
+
+    role: str
+    content: str
+
+
+class ChatCompletionResponseChoice(OpenAIBaseModel):
+    index: int
+    message: ChatMessage
+    finish_reason: str | None
+    logprobs: None  # chat logprobs are not supported (a request for them gets 400): always null
+    mot_group_requests: int
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    """`POST /v1/chat/completions`: the assistant's message."""
+
+    id: str = Field(default_factory=random_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    mot_grouping: Grouping
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(OpenAIBaseModel):
+    """What a chat chunk adds to the message: the role in the first chunk, then content (neither in a chunk that only
+    finishes)."""
+
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
+    """A chat chunk's choice. The first chunk's (the role) has no `logprobs`; the others have `logprobs: null` and,
+    in the last, `mot_group_requests`."""
+
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None
+    logprobs: None = None
+    mot_group_requests: int | None = None
+
+
+class ChatCompletionStreamResponse(OpenAIBaseModel):
+    """A server-sent chunk of `POST /v1/chat/completions`; the last one, asked for with
+    `stream_options.include_usage`, has no choices and the `usage`."""
+
+    id: str = Field(default_factory=random_id("chatcmpl"))
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=now)
+    model: str
+    mot_grouping: Grouping
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def to_response(self) -> ErrorResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code))
