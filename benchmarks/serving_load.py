@@ -44,7 +44,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM
 from mixture_of_tokens.data import load_sotu, pack, train_bpe_tokenizer
 from mixture_of_tokens.evaluation import block_nll
-from mixture_of_tokens.fillers import build_filler_bank, save_filler_bank
+from mixture_of_tokens.fillers import build_filler_bank
+from mixture_of_tokens.modeling_mot import save_filler_bank
 from mixture_of_tokens.run_log import train_or_reuse
 from mixture_of_tokens.training import parse_args as training_args
 from mixture_of_tokens.training import run_training

@@ -22,6 +22,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .data import load_kjv, load_sotu, load_text, pack, sample_blocks
+from .modeling_mot import isolated_groups
 
 GROUPINGS = ("batch", "single", "fillers")
 METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity" / "perplexity.py"
@@ -88,7 +89,7 @@ def evaluate_perplexity(
     for start in range(0, len(ids), step):
         batch = ids[start : start + step]
         if grouping == "fillers":
-            nll = block_nll(model, torch.cat([batch, filler_ids]), **kwargs)[:1]
+            nll = block_nll(model, isolated_groups(batch, filler_ids, group_size)[0], **kwargs)[:1]
         else:
             nll = block_nll(model, batch, **kwargs)
         metric.add_batch(nll_sums=nll.tolist(), token_counts=[batch.shape[1] - 1] * len(batch))

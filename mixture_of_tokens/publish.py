@@ -19,7 +19,7 @@ from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .card import render_model_card
-from .fillers import FILLER_FILE
+from .modeling_mot import FILLER_FILE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -68,4 +68,6 @@ def unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) 
     plain.load_state_dict(state_dict, assign=True)
     plain.tie_weights()  # `assign` replaced the tied output embedding by a copy
     plain.generation_config = model.generation_config
+    if getattr(model, "group_fillers", None) is not None:  # a MoTGPT model's filler bank is not in the state dict
+        plain.set_group_fillers(model.group_fillers)
     return plain

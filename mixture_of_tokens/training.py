@@ -30,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from .annealing import TemperatureAnnealingCallback, check_annealing
 from .data import load_sotu, load_text, make_tokenizer, pack, sample_blocks
-from .fillers import build_filler_bank, save_filler_bank
+from .fillers import spread_filler_bank
 from .modeling_mot import MoTGPTForCausalLM
 from .presets import PRESETS, preset_config
 from .run_log import JsonlMetricsCallback, checkpoint_step, plot_loss_curves, read_metrics
@@ -234,6 +234,11 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
     set_seed(args.seed)  # the same initial weights in every run with this seed (Trainer seeds only after this)
     model = build_model(script, tokenizer)
     check_run(model.config, script, args)
+    if getattr(model.config, "uses_groups", False) and model.config.group_size > 1:
+        # Training blocks from all over the corpus complete the groups of lone requests later; every checkpoint and
+        # the final model carry them (`save_pretrained` writes the bank).
+        bank = spread_filler_bank(train_blocks, model.config.group_size - 1, tokenizer.eos_token_id)
+        model.set_group_fillers(bank)
     callbacks = [JsonlMetricsCallback()]
     if script.anneal_temperature:
         callbacks.append(TemperatureAnnealingCallback(model.config.router_temperature, script.anneal_fraction))
@@ -250,20 +255,8 @@ def run_training(script: ScriptArguments, args: MoTTrainingArguments) -> Trainer
     trainer.train(resume_from_checkpoint=script.resume or None)
     trainer.save_model(str(output_dir))  # on every process: FSDP and DeepSpeed gather weights there
     if trainer.is_world_process_zero():
-        save_training_fillers(model.config, train_blocks, output_dir)
         plot_loss_curves({output_dir.name: read_metrics(output_dir)}, output_dir / "loss_curves.png")
     return trainer
-
-
-def save_training_fillers(config: Any, train_blocks, output_dir: Path) -> None:
-    """Save `group_size - 1` training blocks, spread over the corpus, as the checkpoint's filler bank (see
-    `mixture_of_tokens.fillers`), for a model whose layers need groups."""
-    if not getattr(config, "uses_groups", False) or config.group_size < 2:
-        return
-    n_rows = config.group_size - 1
-    stride = max(1, len(train_blocks) // (4 * n_rows))  # candidates spread over the corpus; some hold an EOS
-    candidates = train_blocks.select(range(0, len(train_blocks), stride))["input_ids"]
-    save_filler_bank(build_filler_bank(candidates, n_rows, config.eos_token_id), output_dir, config.group_size)
 
 
 FINETUNE_DEFAULTS = ["--learning_rate", "1e-4", "--max_steps", "100", "--output_dir", "runs/finetuned"]

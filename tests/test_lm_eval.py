@@ -14,8 +14,8 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from mixture_of_tokens import MoTGPTForCausalLM
-from mixture_of_tokens.fillers import FILLER_FILE, save_filler_bank
 from mixture_of_tokens.lm_eval_model import TASK_DIR, MoTLM, main, with_task_dir
+from mixture_of_tokens.modeling_mot import FILLER_FILE, save_filler_bank
 from mixture_of_tokens.tasks import build_task_items
 
 VOCAB = tiny_tokenizer().get_vocab()

@@ -20,7 +20,7 @@ import torch
 from helpers import tiny_config, tiny_tokenizer
 
 from mixture_of_tokens import MoTGPTForCausalLM, serving
-from mixture_of_tokens.fillers import load_filler_bank, save_filler_bank
+from mixture_of_tokens.modeling_mot import load_filler_bank, save_filler_bank
 from mixture_of_tokens.serving import cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..fillers import load_filler_bank
+from ..modeling_mot import load_filler_bank
 from .api import create_app
 from .engine import GROUPINGS, Engine
 
@@ -60,15 +60,15 @@ def load_engine(args: argparse.Namespace) -> Engine:
         dtype = torch.float32  # half precision is slow on CPU and not what the checkpoint was evaluated in
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    fillers = None
-    if getattr(model.config, "uses_groups", False):
-        try:
-            fillers = load_filler_bank(args.fillers or args.checkpoint, model.config.group_size)
-        except ValueError as error:
-            raise ValueError(
-                f"{args.checkpoint} mixes groups of {model.config.group_size} rows and needs a filler bank to complete "
-                f"them in either grouping mode (give --fillers FILE): {error}"
-            ) from error
+    fillers = getattr(model, "group_fillers", None)
+    if args.fillers is not None:
+        fillers = load_filler_bank(args.fillers, model.config.group_size)
+    if getattr(model.config, "uses_groups", False) and fillers is None:
+        raise ValueError(
+            f"{args.checkpoint} mixes groups of {model.config.group_size} rows and needs a filler bank to complete "
+            f"them in either grouping mode: add one to the checkpoint (`mot-fillers {args.checkpoint} --text "
+            "FILE`) or give --fillers FILE."
+        )
     return Engine(model, tokenizer, fillers, args.grouping, args.max_batch_size, args.max_wait_ms, args.max_queue)
 
 

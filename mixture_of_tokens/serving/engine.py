@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
-from ..fillers import check_filler_bank
+from ..modeling_mot import check_filler_bank
 
 logger = logging.getLogger("mot-serve")
 
