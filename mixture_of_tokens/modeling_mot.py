@@ -17,11 +17,12 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.pytorch_utils import Conv1D
@@ -931,7 +932,10 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
             router_temperature=router_temperature,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        # As transformers' models slice (written out: remote code also loads under transformers releases without the
+        # helper, `slice_logits_to_keep`, such as 5.19).
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, kept, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -1050,6 +1054,8 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
                 prompt, isolated, fillers, config, kwargs
             )
             logits_processor = LogitsProcessorList([*(logits_processor or []), forcing])
+            if kwargs.get("streamer") is not None:
+                kwargs["streamer"] = RowsStreamer(kwargs["streamer"], kept.cpu())
         eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
         if eos_token_id is not None:
             # With only `inputs_embeds`, generate's input_ids hold just the new tokens: the prompt length there is 0.
@@ -1132,6 +1138,21 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         forcing = FillerForcing(continuation.repeat(len(isolated), 1), prompt_len, filler_rows)
         kept = torch.cat([torch.arange(head, device=prompt.device), groups])
         return torch.cat([prompt[:head], ids]), torch.cat([mask[:head], grouped_mask]), forcing, kept
+
+
+class RowsStreamer(BaseStreamer):
+    """Hands a streamer (`TextStreamer`, `transformers serve`'s) only the rows of the prompts: `generate` streams
+    every row of its batch, the filler rows included."""
+
+    def __init__(self, streamer: BaseStreamer, rows: torch.LongTensor):
+        self.streamer = streamer
+        self.rows = rows
+
+    def put(self, value: torch.Tensor) -> None:
+        self.streamer.put(value[self.rows])  # the prompt `(batch, len)`, then each step's tokens `(batch,)`
+
+    def end(self) -> None:
+        self.streamer.end()
 
 
 class FillerForcing(LogitsProcessor):

@@ -10,3 +10,12 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet "torch==2.13.0"
 fi
 .venv/bin/pip install --quiet -c constraints.txt -e ".[dev]"
+# A second environment with an older transformers and without this package, where the tests load a checkpoint's
+# remote code as a user of that release would (vLLM and SGLang pin transformers below 5.21).
+if [[ ! -x .venv-transformers-5.19/bin/python ]]; then
+  "$PYTHON" -m venv .venv-transformers-5.19
+fi
+if ! .venv-transformers-5.19/bin/python -c "import transformers, torch" 2>/dev/null; then
+  .venv-transformers-5.19/bin/pip install --quiet "torch==2.13.0"
+  .venv-transformers-5.19/bin/pip install --quiet "transformers==5.19.0" "safetensors==0.8.0"
+fi

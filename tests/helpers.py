@@ -72,8 +72,9 @@ def lay_out_hub_cache(folder, cache, repo_id: str) -> None:
     (repo / "refs" / "main").write_text(HUB_REVISION)
 
 
-def run_without_package(script: str, hub_cache, *args: str) -> str:
-    """Run `script` in a fresh interpreter, offline, where importing mixture_of_tokens fails; return its stdout."""
+def run_without_package(script: str, hub_cache, *args: str, python: str = sys.executable) -> str:
+    """Run `script` in a fresh interpreter (`python`: this environment's by default), offline, where importing
+    mixture_of_tokens fails; return its stdout."""
     guard = (
         "import importlib.abc, sys\n"
         "class RefuseOurPackage(importlib.abc.MetaPathFinder):\n"
@@ -85,7 +86,7 @@ def run_without_package(script: str, hub_cache, *args: str) -> str:
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache), HF_HOME=str(hub_cache / "home"))
     result = subprocess.run(
-        [sys.executable, "-c", guard + script, *args],
+        [python, "-c", guard + script, *args],
         cwd=hub_cache,
         env=env,
         capture_output=True,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # builds and installs a wheel
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = (
     "mot-train", "mot-finetune", "mot-evaluate", "mot-publish", "mot-transition-tune", "mot-lm-eval", "mot-serve",
-    "mot-main",
+    "mot-fillers", "mot-main",
 )  # fmt: skip
 
 

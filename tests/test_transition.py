@@ -178,7 +178,8 @@ def test_converted_model_gives_a_row_the_same_logits_alone_and_in_any_batch():
 
 
 def test_converted_model_keeps_cached_generation_equal_for_a_row_alone_and_in_a_batch():
-    converted = mot_to_token_choice(mot_model(), calibration_ids=random_ids(12, 6, seed=3))
+    # float64: greedy tokens of a batch and of a lone row agree only up to rounding (other matmul shapes).
+    converted = mot_to_token_choice(mot_model(), calibration_ids=random_ids(12, 6, seed=3)).double()
     ids = random_ids(5, 4)
     together = converted.generate(ids, max_new_tokens=6, do_sample=False)
     alone = converted.generate(ids[3:4], max_new_tokens=6, do_sample=False)
@@ -189,7 +190,7 @@ def test_converted_model_keeps_cached_generation_equal_for_a_row_alone_and_in_a_
             ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
         full = converted(steps.sequences).logits[:, ids.shape[1] - 1 : -1]
-    torch.testing.assert_close(torch.stack(steps.logits, dim=1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.stack(steps.logits, dim=1), full.float(), rtol=1e-4, atol=1e-5)
 
 
 LOADER = r"""
