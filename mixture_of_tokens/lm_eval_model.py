@@ -31,7 +31,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers import PreTrainedModel
 
-from .modeling_mot import check_filler_bank, isolated_groups, load_filler_bank
+from .modeling_mot import check_filler_bank, find_filler_bank, isolated_groups, load_filler_bank
 from .tasks import TASK_DIR
 
 __all__ = ["TASK_DIR", "MoTLM", "main"]
@@ -74,10 +74,15 @@ class MoTLM(HFLM):
             f"model arg `fillers`: {pretrained!r} mixes the rows of groups of {self.group_size}, so every request is "
             f"scored with {self.group_size - 1} filler rows of at least max_length={self.max_length} tokens"
         )
-        if fillers is None and self.model.group_fillers is None:
+        # The model's bank; remote code from before the bank was part of the model has none: its checkpoint's file.
+        source = fillers if fillers is not None else getattr(pretrained, "name_or_path", pretrained)
+        model_bank = getattr(self.model, "group_fillers", None)
+        if fillers is None and model_bank is None and find_filler_bank(source) is None:
             raise ValueError(f"{need}; it has no filler bank: add one with `mot-fillers`, or give `fillers=PATH`.")
         try:
-            bank = self.model.group_fillers if fillers is None else load_filler_bank(fillers, self.group_size)
+            bank = (
+                model_bank if fillers is None and model_bank is not None else load_filler_bank(source, self.group_size)
+            )
             check_filler_bank(bank, self.group_size, self.max_length, "the filler bank")
         except ValueError as error:
             raise ValueError(f"{need}. {error} Give a longer bank, or a smaller `max_length`.") from error

@@ -16,7 +16,14 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers.generation import (
+    GenerationConfig,
+    GenerationMixin,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
@@ -523,6 +530,10 @@ def save_filler_bank(fillers: torch.Tensor, folder: str | os.PathLike, group_siz
     return path
 
 
+# The keyword arguments of `from_pretrained` that say where a checkpoint's files are.
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
 def find_filler_bank(source: str | os.PathLike, **hub_kwargs) -> Path | None:
     """The bank file of `source`: a JSON file, a checkpoint folder's `group_fillers.json`, or a Hub model's (through
     the Hub cache, `hub_kwargs` as for `from_pretrained`); None when it has none."""
@@ -530,7 +541,8 @@ def find_filler_bank(source: str | os.PathLike, **hub_kwargs) -> Path | None:
     if path.is_file() or (path.suffix == ".json" and not path.is_dir()):
         return path
     if path.is_dir():
-        return path / FILLER_FILE if (path / FILLER_FILE).is_file() else None
+        path = path / hub_kwargs.get("subfolder", "") / FILLER_FILE
+        return path if path.is_file() else None
     resolved = cached_file(
         str(source),
         FILLER_FILE,
@@ -563,18 +575,27 @@ def load_filler_bank(source: str | os.PathLike, group_size: int, min_length: int
     return fillers
 
 
+def filler_columns(fillers: torch.LongTensor, starts: torch.LongTensor, width: int) -> torch.LongTensor:
+    """Columns `starts[i] + j` (`j < width`; negative ones clamped to 0) of each filler row, for each request i:
+    `(n, n_fillers, width)`."""
+    columns = (starts[:, None] + torch.arange(width, device=starts.device)).clamp_min(0)  # (n, width)
+    return fillers[:, columns].transpose(0, 1)
+
+
 def isolated_groups(
     ids: torch.LongTensor, fillers: torch.LongTensor, group_size: int, attention_mask: torch.Tensor | None = None
 ) -> tuple[torch.LongTensor, torch.Tensor]:
-    """Each row of `ids` `(n, length)` in a group of its own, followed by the first `length` tokens of
-    `group_size - 1` rows of `fillers`: ids and mask `(n * group_size, length)`, the requests at rows
-    `0, group_size, 2 * group_size, ...`. The one rule by which a request that arrives alone is grouped (`generate`,
-    evaluation, lm-eval)."""
-    n, length = ids.shape
-    fill = fillers[: group_size - 1, :length].to(ids.device)
-    grouped = torch.cat([ids[:, None], fill[None].expand(n, -1, -1)], dim=1).flatten(0, 1)
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
-    grouped_mask = torch.cat([mask[:, None], torch.ones_like(fill)[None].expand(n, -1, -1)], dim=1).flatten(0, 1)
+    """Each row of `ids` `(n, length)` in a group of its own, followed by `group_size - 1` rows of `fillers` aligned
+    with the row's real tokens (a left-padded row's fillers are padded alike, so its group is the one it would have
+    alone): ids and mask `(n * group_size, length)`, the requests at rows `0, group_size, 2 * group_size, ...`. The one
+    rule by which a request that arrives alone is grouped (`generate`, evaluation, lm-eval)."""
+    length = ids.shape[1]
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.dtype)
+    padding = length - mask.sum(dim=1)  # left padding of each row
+    fill = filler_columns(fillers[: group_size - 1].to(ids.device), -padding, length)  # (n, G - 1, length)
+    fill_mask = (torch.arange(length, device=ids.device) >= padding[:, None]).to(mask.dtype)[:, None].expand_as(fill)
+    grouped = torch.cat([ids[:, None], fill], dim=1).flatten(0, 1)
+    grouped_mask = torch.cat([mask[:, None], fill_mask], dim=1).flatten(0, 1)
     return grouped, grouped_mask
 
 
@@ -637,22 +658,38 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
             pretrained_model_name_or_path, *args, key_mapping=LEGACY_KEY_MAPPING | (key_mapping or {}), **kwargs
         )
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` gives a pair
-        hub_kwargs = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "subfolder") if key in kwargs}
+        if pretrained_model_name_or_path is None:  # weights given as `state_dict`: no folder to hold a bank
+            return loaded
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         bank = find_filler_bank(pretrained_model_name_or_path, **hub_kwargs)
-        if bank is not None and Path(bank).name == FILLER_FILE:
+        if bank is not None and bank.name == FILLER_FILE:
             model.set_group_fillers(load_filler_bank(bank, model.config.group_size))
         return loaded
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *args, save_original_format: bool = False, **kwargs
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        *args,
+        save_original_format: bool = False,
+        push_to_hub: bool = False,
+        **kwargs,
     ) -> None:
-        """[`~PreTrainedModel.save_pretrained`], also writing the model's filler bank (`group_fillers.json`), so that
-        what `Trainer`, TRL or a PEFT merge saves keeps it, and the weights under their current names: a model loaded
-        from a checkpoint with the legacy names is not written back in that format (transformers' default would
-        reverse the renaming)."""
-        super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
-        if self.group_fillers is not None and kwargs.get("is_main_process", True):
-            save_filler_bank(self.group_fillers.cpu(), save_directory, self.config.group_size)
+        """[`~PreTrainedModel.save_pretrained`], also writing the model's filler bank (`group_fillers.json`, removed
+        from the folder when the model has none), so that what `Trainer`, TRL or a PEFT merge saves keeps it, and the
+        weights under their current names: a model loaded from a checkpoint with the legacy names is not written
+        back in that format (transformers' default would reverse the renaming). With `push_to_hub`, the folder is
+        uploaded once the bank is in it."""
+        super().save_pretrained(save_directory, is_main_process, *args, save_original_format=save_original_format,
+                                **kwargs)  # fmt: skip
+        if is_main_process:
+            if self.group_fillers is not None:
+                save_filler_bank(self.group_fillers.cpu(), save_directory, self.config.group_size)
+            else:
+                (Path(save_directory) / FILLER_FILE).unlink(missing_ok=True)  # a bank of an earlier save
+        if push_to_hub:
+            hub_kwargs = {key: kwargs[key] for key in ("commit_message", "private", "token") if key in kwargs}
+            self.push_to_hub(kwargs.get("repo_id", Path(save_directory).name), **hub_kwargs)
 
     @property
     def group_fillers(self) -> torch.LongTensor | None:
@@ -667,7 +704,10 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
         if fillers is None:
             self.base_model.filler_bank = None
             return
-        fillers = torch.as_tensor(fillers, dtype=torch.long)
+        fillers = torch.as_tensor(fillers)
+        if fillers.is_floating_point() or fillers.is_complex() or fillers.dtype == torch.bool:
+            raise ValueError(f"`fillers` must hold integer token ids, got dtype {fillers.dtype}.")
+        fillers = fillers.to(torch.long).clone()  # the model's own copy
         check_filler_bank(fillers, self.config.group_size)
         if fillers.numel() and not 0 <= int(fillers.min()) <= int(fillers.max()) < self.config.vocab_size:
             raise ValueError(f"`fillers` must hold token ids in [0, vocab_size={self.config.vocab_size}).")
@@ -790,18 +830,21 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
                 )
             self._checked_training_batch = True
 
-    def warn_incomplete_group(self, batch_size: int) -> None:
-        """Warn, once per model, that a batch of `batch_size` rows leaves an incomplete MoT group and that the model
-        has no filler bank to complete it."""
+    def warn_incomplete_group(self, batch_size: int, why: str | None = None) -> None:
+        """Warn, once per model, that a batch of `batch_size` rows leaves an incomplete MoT group, and `why` it was
+        not completed (by default: the model has no filler bank)."""
         if self._warned_incomplete_group:
             return
         group_size = self.config.group_size
+        if why is None:
+            why = (
+                "The model has no filler bank to complete it: add one to the checkpoint with `mot-fillers CHECKPOINT "
+                "--text FILE`, or call `model.set_group_fillers(ids)`"
+            )
         logger.warning(
             f"MoTGPT mixes the rows of groups of {group_size}; this batch of {batch_size} rows leaves a group of "
             f"{batch_size % group_size}, whose tokens are mixed with fewer others than in training (a lone block "
-            "measured +76% perplexity, docs/generation.md). The model has no filler bank to complete it: add one to "
-            "the checkpoint with `mot-fillers CHECKPOINT --text FILE`, or call `model.set_group_fillers(ids)`; or "
-            "pass batches of whole groups."
+            f"measured +76% perplexity, docs/generation.md). {why}; or pass batches of whole groups."
         )
         self._warned_incomplete_group = True
 
@@ -844,8 +887,10 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
 
         if self.config.uses_groups:
             self._check_grouped_batch(batch_size, attention_mask, position_ids, kwargs)
-            if batch_size % self.config.group_size and not self.training and self.filler_bank is None:
-                self.warn_incomplete_group(batch_size)
+            if batch_size % self.config.group_size and not self.training:
+                # `generate` completes such a group with the model's bank; a forward pass cannot add rows.
+                why = None if self.filler_bank is None else "A forward pass cannot complete it (`generate` does)"
+                self.warn_incomplete_group(batch_size, why)
         # A 4-D mask (continuous batching hands one) reaches only a model without groups: its expert layers, if any,
         # treat every token as real, and attention takes the mask as it is.
         token_mask = None if attention_mask is None or attention_mask.ndim != 2 else attention_mask[:, -seq_len:]
@@ -1047,12 +1092,10 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         prompt_key = "inputs" if inputs is not None else "input_ids"
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         config = generation_config if generation_config is not None else self.generation_config
-        isolated = self._rows_to_isolate(prompt, group_fillers, complete_groups)
+        isolated = self._rows_to_isolate(prompt, group_fillers, complete_groups, config, kwargs)
         if isolated is not None:
             fillers = self.group_fillers if group_fillers is None else group_fillers
-            prompt, kwargs["attention_mask"], forcing, kept = self._add_group_fillers(
-                prompt, isolated, fillers, config, kwargs
-            )
+            prompt, kept, forcing = self._add_group_fillers(prompt, isolated, fillers, config, kwargs)
             logits_processor = LogitsProcessorList([*(logits_processor or []), forcing])
             if kwargs.get("streamer") is not None:
                 kwargs["streamer"] = RowsStreamer(kwargs["streamer"], kept.cpu())
@@ -1069,24 +1112,70 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         return output if isolated is None else output[kept]
 
     def _rows_to_isolate(
-        self, prompt: torch.LongTensor | None, group_fillers: torch.LongTensor | None, complete_groups: bool
+        self,
+        prompt: torch.LongTensor | None,
+        group_fillers: torch.LongTensor | None,
+        complete_groups: bool,
+        config: GenerationConfig,
+        kwargs: dict,
     ) -> range | None:
-        """The prompt rows that get groups of their own with fillers: every row with `group_fillers`; with the
-        model's bank, those of an incomplete last group; None when no row does."""
+        """The prompt rows that get groups of their own with fillers: every row with `group_fillers` (a `ValueError`
+        says why when it cannot be done); with the model's bank, those of an incomplete last group (when it cannot be
+        done, the model warns once why and decodes the group as it is); None when no row does."""
         if group_fillers is not None:
             if prompt is None or prompt.ndim != 2:
                 raise ValueError("`group_fillers` needs the prompts as a 2-D `input_ids` tensor.")
+            problem = self._filler_problem(prompt, group_fillers, config, kwargs)
+            if problem is not None:
+                raise ValueError(f"`group_fillers`: {problem}.")
             return range(prompt.shape[0])
-        if not complete_groups or not self.config.uses_groups or prompt is None or prompt.ndim != 2:
-            return None
-        batch_size = prompt.shape[0]
-        remainder = batch_size % self.config.group_size
-        if not remainder:
+        batch_size = (prompt if prompt is not None else kwargs.get("inputs_embeds", torch.empty(1))).shape[0]
+        if not complete_groups or not self.config.uses_groups or not batch_size % self.config.group_size:
             return None
         if self.group_fillers is None:
             self.transformer.warn_incomplete_group(batch_size)
             return None
-        return range(batch_size - remainder, batch_size)
+        if prompt is None or prompt.ndim != 2:
+            problem = "completing it needs the prompts as `input_ids`, not `inputs_embeds`"
+        else:
+            problem = self._filler_problem(prompt, self.group_fillers, config, kwargs)
+        if problem is not None:
+            self.transformer.warn_incomplete_group(batch_size, f"The model's filler bank was not used: {problem}")
+            return None
+        return range(batch_size - batch_size % self.config.group_size, batch_size)
+
+    def _filler_problem(
+        self, prompt: torch.LongTensor, fillers: torch.LongTensor, config: GenerationConfig, kwargs: dict
+    ) -> str | None:
+        """Why a filler bank cannot complete groups in this call, or None."""
+        for name in ("num_beams", "num_return_sequences"):
+            value = kwargs.get(name, getattr(config, name))
+            if value not in (None, 1):
+                return f"it does not work with `{name}` > 1, got {value!r}"
+        for name in ("return_dict_in_generate", "assistant_model", "prompt_lookup_num_tokens"):
+            if kwargs.get(name, getattr(config, name, None)):
+                return f"it does not work with `{name}`"
+        group_size = self.config.group_size
+        longest = int(real_lengths(prompt, kwargs.get("attention_mask")).max())
+        needed = longest + self._max_new_tokens(prompt, config, kwargs)
+        if fillers.ndim != 2 or fillers.shape[0] < group_size - 1 or fillers.shape[1] < needed:
+            return (
+                f"the bank must have shape (n_fillers >= group_size - 1 = {group_size - 1}, filler_len >= prompt "
+                f"tokens + max_new_tokens = {needed}), got {tuple(fillers.shape)}: generate fewer tokens or give a "
+                "longer bank"
+            )
+        return None
+
+    def _max_new_tokens(self, prompt: torch.LongTensor, config: GenerationConfig, kwargs: dict) -> int:
+        """The new tokens this call generates at most, by `generate`'s rule (20 when no length is set, within the
+        model's positions)."""
+        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if max_new_tokens is not None:
+            return max_new_tokens
+        max_length = kwargs.get("max_length", config.max_length)
+        if max_length is None:
+            max_length = min(prompt.shape[1] + 20, self.config.n_positions)
+        return max_length - prompt.shape[1]
 
     def _add_group_fillers(
         self,
@@ -1095,49 +1184,59 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         fillers: torch.LongTensor,
         config: GenerationConfig,
         kwargs: dict,
-    ) -> tuple[torch.LongTensor, torch.Tensor, "FillerForcing", torch.LongTensor]:
+    ) -> tuple[torch.LongTensor, torch.LongTensor, "FillerForcing"]:
         """Put each of the `isolated` rows of `prompt` in a group of its own with `group_size - 1` filler rows
-        ([`isolated_groups`]), after the other rows; return ids, mask, the forcing processor and the rows to return."""
-        for name in ("num_beams", "num_return_sequences"):
-            if kwargs.get(name, getattr(config, name)) not in (None, 1):
-                raise ValueError(
-                    f"completing MoT groups with fillers does not work with `{name}` > 1, got {kwargs.get(name)!r}: "
-                    "pass batches of whole groups, or `complete_groups=False`."
-                )
-        if kwargs.get("return_dict_in_generate", config.return_dict_in_generate):
-            raise ValueError(
-                "completing MoT groups with fillers does not work with `return_dict_in_generate=True`: pass batches "
-                "of whole groups, or `complete_groups=False`."
-            )
-        prompt_len = prompt.shape[1]
-        group_size = self.config.group_size
-        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
-        if max_new_tokens is None:
-            max_new_tokens = kwargs.get("max_length", config.max_length) - prompt_len
-        if fillers.ndim != 2 or fillers.shape[0] < group_size - 1 or fillers.shape[1] < prompt_len + max_new_tokens:
-            raise ValueError(
-                f"the filler bank (`group_fillers`, or the model's) must have shape (n_fillers >= group_size - 1 = "
-                f"{group_size - 1}, filler_len >= prompt_len + max_new_tokens = {prompt_len + max_new_tokens}), got "
-                f"{tuple(fillers.shape)}: generate fewer tokens, give a longer bank, or pass `complete_groups=False`."
-            )
-        fillers = fillers[: group_size - 1].to(prompt.device)
-        eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
-        continuation = fillers[:, prompt_len : prompt_len + max_new_tokens]
-        if eos_token_id is not None and torch.isin(continuation, torch.as_tensor(eos_token_id)).any():
-            raise ValueError(
-                f"filler rows must not hold an EOS id ({eos_token_id}) in the {max_new_tokens} tokens they are fed "
-                f"after the prompt (columns {prompt_len} to {prompt_len + max_new_tokens - 1}): a filler that emits "
-                "EOS would leave its group. Cut the filler text at document boundaries."
-            )
+        ([`isolated_groups`]), after the other rows. Sets the mask and the stopping criterion in `kwargs`; returns the
+        ids, the rows to return and the processor that feeds the fillers their text."""
+        group_size, head = self.config.group_size, isolated.start  # the rows before `head` are whole groups
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(prompt) if mask is None else mask
-        head = isolated.start  # the rows before are whole groups, kept as they are
+        fillers = fillers[: group_size - 1].to(prompt.device)
         ids, grouped_mask = isolated_groups(prompt[head:], fillers, group_size, mask[head:])
+        new_tokens = self._max_new_tokens(prompt, config, kwargs)
+        continuation = filler_columns(fillers, real_lengths(prompt[head:], mask[head:]), new_tokens).flatten(0, 1)
+        eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
+        if eos_token_id is not None and torch.isin(continuation, torch.as_tensor(eos_token_id).to(prompt.device)).any():
+            raise ValueError(
+                f"filler rows must not hold an EOS id ({eos_token_id}) in the {new_tokens} tokens they are fed after "
+                "the prompt: a filler that emits EOS would leave its group. Cut the filler text at document boundaries."
+            )
         groups = torch.arange(len(isolated), device=prompt.device) * group_size + head
         filler_rows = (groups[:, None] + torch.arange(1, group_size, device=prompt.device)).flatten()
-        forcing = FillerForcing(continuation.repeat(len(isolated), 1), prompt_len, filler_rows)
+        kwargs["attention_mask"] = torch.cat([mask[:head], grouped_mask])
+        if eos_token_id is not None:
+            done = FillersStopWithTheirPrompt(groups, group_size, prompt.shape[1], eos_token_id)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), done])
         kept = torch.cat([torch.arange(head, device=prompt.device), groups])
-        return torch.cat([prompt[:head], ids]), torch.cat([mask[:head], grouped_mask]), forcing, kept
+        forcing = FillerForcing(continuation, prompt.shape[1], filler_rows)
+        return torch.cat([prompt[:head], ids]), kept, forcing
+
+
+def real_lengths(ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
+    """The number of real (unpadded) tokens of each row, `(n,)`."""
+    if attention_mask is None:
+        return torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+    return attention_mask.sum(dim=1).long()
+
+
+class FillersStopWithTheirPrompt(StoppingCriteria):
+    """Marks an isolated group's filler rows done once its prompt row has emitted EOS, so that decoding ends when the
+    prompts are done (filler rows never emit EOS). `groups` `(n,)` holds the batch rows of the prompts, each followed
+    by its `group_size - 1` fillers."""
+
+    def __init__(self, groups: torch.LongTensor, group_size: int, prompt_len: int, eos_token_id: int | list[int]):
+        self.groups = groups
+        self.group_size = group_size
+        self.prompt_len = prompt_len
+        self.eos = torch.as_tensor(eos_token_id).flatten()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        generated = input_ids[self.groups, self.prompt_len :]
+        prompt_done = torch.isin(generated, self.eos.to(input_ids.device)).any(dim=-1)  # (n,)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        filler_rows = self.groups[:, None] + torch.arange(1, self.group_size, device=input_ids.device)
+        done[filler_rows.flatten()] = prompt_done[:, None].expand_as(filler_rows).flatten()
+        return done
 
 
 class RowsStreamer(BaseStreamer):

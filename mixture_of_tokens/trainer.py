@@ -9,6 +9,8 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, pa
 from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel, Trainer
 
+from .modeling_mot import save_filler_bank
+
 # Parameters exempt from weight decay besides those `Trainer` finds by name (biases, expert and router biases
 # included, and LayerNorms): a learned temperature would be pulled towards T = 1.
 NO_DECAY_SUFFIXES = ("log_temperature",)
@@ -53,6 +55,8 @@ class MoTTrainer(Trainer):
             return
         if shards_only:
             self.model.config.save_pretrained(output_dir)
+            if getattr(self.model, "group_fillers", None) is not None:  # a MoTGPT model's bank: not in the shards
+                save_filler_bank(self.model.group_fillers.cpu(), output_dir, self.model.config.group_size)
         else:
             unsharded_copy(self.model, state_dict).save_pretrained(output_dir)
             torch.save(self.args, Path(output_dir) / "training_args.bin")

@@ -52,10 +52,15 @@ def test_the_bank_is_saved_with_the_model_and_loaded_from_a_folder_and_the_hub(t
         patch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
         loaded = AutoModelForCausalLM.from_pretrained("mot-org/banked", cache_dir=str(tmp_path / "hub"))
     assert torch.equal(loaded.group_fillers, bank())
+    loaded, info = MoTGPTForCausalLM.from_pretrained(tmp_path / "folder", output_loading_info=True)
+    assert torch.equal(loaded.group_fillers, bank()) and not info["missing_keys"]
+    model.save_pretrained(tmp_path / "outer" / "inner")
+    inner = MoTGPTForCausalLM.from_pretrained(tmp_path / "outer", subfolder="inner")
+    assert torch.equal(inner.group_fillers, bank())
     without = MoTGPTForCausalLM(tiny_config())
-    without.save_pretrained(tmp_path / "plain")
-    assert not (tmp_path / "plain" / FILLER_FILE).exists()
-    assert MoTGPTForCausalLM.from_pretrained(tmp_path / "plain").group_fillers is None
+    without.save_pretrained(tmp_path / "folder")  # over the banked checkpoint: its bank file goes too
+    assert not (tmp_path / "folder" / FILLER_FILE).exists()
+    assert MoTGPTForCausalLM.from_pretrained(tmp_path / "folder").group_fillers is None
 
 
 @pytest.mark.parametrize(
@@ -185,3 +190,44 @@ def test_an_engine_s_flattened_call_is_refused_with_the_ways_out():
     ids = random_ids(1, 5)
     with pytest.raises(ValueError, match="vLLM and SGLang.*mot-serve.*mot-transition-tune"):
         model(ids, position_ids=torch.arange(5)[None], attention_instances={0: object()})
+
+
+def test_the_default_length_and_a_left_padded_row_give_the_lone_prompt_s_answer():
+    model = model_with_bank()
+    prompt = random_ids(1, 4)
+    lone = model.generate(prompt, do_sample=False)  # no length given: generate's default, 20 new tokens
+    assert lone.shape == (1, 4 + 20)
+    # The same prompt left-padded in a pipeline-like batch whose last group is incomplete: fillers aligned with it.
+    padded = torch.cat([torch.ones(1, 2, dtype=torch.long), prompt], dim=1)
+    batch = torch.cat([random_ids(G, 6, seed=4), padded])
+    mask = torch.ones_like(batch)
+    mask[G, :2] = 0
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(out[G, 6:], greedy(model, prompt)[0, 4:], rtol=0, atol=0)
+
+
+def test_decoding_ends_when_the_prompts_are_done_not_when_their_fillers_are():
+    model = model_with_bank()
+    prompt = random_ids(1, 4)
+    first = greedy(model, prompt)[0, 4].item()  # make the first new token the EOS id
+    model.generation_config.eos_token_id = first
+    model.set_group_fillers(torch.where(bank() == first, 2 if first != 2 else 3, bank()))  # fillers hold no EOS
+    rows = rows_per_forward(model)
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=1)
+    assert out.shape == (1, 5) and out[0, 4] == first
+    assert len(rows) == 1  # the prompt pass only: no decoding step after every prompt has finished
+
+
+def test_what_the_bank_cannot_do_falls_back_with_a_warning_and_explicit_fillers_are_refused(caplog):
+    model = model_with_bank()
+    prompt = random_ids(1, 4)
+    with caplog.at_level(logging.WARNING):
+        beams = model.generate(prompt, max_new_tokens=3, num_beams=2, do_sample=False)
+    assert beams.shape == (1, 7) and "filler bank was not used: it does not work with `num_beams` > 1" in caplog.text
+    with pytest.raises(ValueError, match="`group_fillers`: it does not work with `num_beams` > 1, got 2"):
+        model.generate(prompt, max_new_tokens=3, num_beams=2, group_fillers=bank())
+    caplog.clear()
+    other = model_with_bank()
+    with caplog.at_level(logging.WARNING):
+        other.generate(inputs_embeds=other.get_input_embeddings()(prompt), max_new_tokens=3, do_sample=False)
+    assert "not `inputs_embeds`" in caplog.text

@@ -119,8 +119,8 @@ def test_sharded_run_saves_whole_models_that_load_with_and_without_the_package(r
     copy_files(fsdp, published, [path.name for path in fsdp.iterdir() if path.is_file()])
     lay_out_hub_cache(published, tmp_path / "hub", "mot-org/fsdp-mot")
     logits = json.loads(run_without_package(LOADER, tmp_path / "hub", json.dumps(ids.tolist())).splitlines()[-1])
-    with torch.no_grad():
-        torch.testing.assert_close(torch.tensor(logits), model(ids).logits, rtol=0, atol=0)
+    with torch.no_grad():  # another process, maybe another thread count: equal up to float32 rounding
+        torch.testing.assert_close(torch.tensor(logits), model(ids).logits, rtol=1e-5, atol=1e-5)
     # A sharded checkpoint holds the config and tokenizer; its shards merge into the weights of that step.
     checkpoint, merged_dir = fsdp / "checkpoint-2", tmp_path / "merged"
     merge_fsdp_weights(str(checkpoint / "pytorch_model_fsdp_0"), str(merged_dir))

@@ -163,7 +163,7 @@ def test_fillers_give_each_prompt_its_own_group():
     ("fillers", "kwargs", "match"),
     [
         (random_ids(1, L + NEW), {}, "group_size - 1"),
-        (random_ids(2, L + NEW - 1), {}, "prompt_len \\+ max_new_tokens"),
+        (random_ids(2, L + NEW - 1), {}, "prompt tokens \\+ max_new_tokens"),
         (random_ids(2, L + NEW), {"num_beams": 2}, "num_beams"),
         (random_ids(2, L + NEW), {"return_dict_in_generate": True}, "return_dict_in_generate"),
     ],

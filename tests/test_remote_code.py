@@ -46,7 +46,8 @@ def test_offline_hub_checkpoint_loads_without_the_package(tmp_path):
     assert loaded["imported"] == []
     with torch.no_grad():
         expected = model(ids).logits
-    torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, rtol=0, atol=0)
+    # Another process may run with another thread count (other matmul blocking): equal up to float32 rounding.
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, rtol=1e-5, atol=1e-5)
 
 
 # The second environment `scripts/setup_env.sh` lays out: transformers 5.19 (what vLLM 0.33 and SGLang 0.5.23 pin), no

@@ -234,7 +234,8 @@ def test_converted_checkpoint_loads_identically_with_and_without_the_package(tmp
     lay_out_hub_cache(tmp_path / "saved", tmp_path / "hub", "mot-org/tiny-tc")
     loaded = json.loads(run_without_package(LOADER, tmp_path / "hub", json.dumps(ids.tolist())).splitlines()[-1])
     assert (loaded["ffn_type"], loaded["layer"], loaded["imported"]) == ("token_choice", "TokenChoiceLayer", [])
-    torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, rtol=0, atol=0)
+    # Another process may run with another thread count (other matmul blocking): equal up to float32 rounding.
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, rtol=1e-5, atol=1e-5)
 
 
 def tiny_learned_temperature() -> MoTGPTForCausalLM:

@@ -5,9 +5,9 @@ so the way a server batches requests is part of every answer. This one queues th
 in batches made of whole groups, in one of two modes (`--grouping`):
 
 - `isolated` (default): each prompt gets a group of its own, completed with `group_size - 1` filler rows (the
-  checkpoint's filler bank, see `mixture_of_tokens.fillers`) that are fed their own text. Its answer depends only on
-  its prompt, its parameters and its seed, never on other requests or on the load: greedy, it is the completion of
-  `model.generate(prompt, group_fillers=bank)`.
+  model's filler bank, `model.group_fillers`) that are fed their own text. Its answer depends only on its prompt, its
+  parameters and its seed, never on other requests or on the load: greedy, it is the completion of
+  `model.generate(prompt)`, which completes a lone prompt's group with the same bank.
 - `shared`: the prompts admitted together fill groups among themselves; fillers complete only the last group. Up to
   `group_size` times fewer rows per request, but an answer depends on the requests that shared its group.
 

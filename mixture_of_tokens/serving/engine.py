@@ -199,7 +199,8 @@ class Engine:
     Args:
         model: a causal LM whose base model takes the 2-D `attention_mask` and `position_ids` (MoTGPT does).
         tokenizer: its tokenizer.
-        fillers: `(n_rows, length)` filler bank; needed when `model.config.uses_groups`.
+        fillers: `(n_rows, length)` filler bank; default: the model's (`model.group_fillers`). Needed when
+            `model.config.uses_groups`.
         grouping: `"isolated"` or `"shared"` (see `mixture_of_tokens.serving`).
         max_batch_size: most requests (prompts) decoded at once; filler rows come on top.
         max_wait_ms: how long the first waiting request may wait for others before it is admitted anyway.
@@ -228,10 +229,11 @@ class Engine:
         self.context_limit = config.n_positions
         self.fillers = None
         if self.uses_groups:
+            fillers = getattr(model, "group_fillers", None) if fillers is None else fillers  # default: the model's
             if fillers is None:
                 raise ValueError(
-                    f"the model mixes groups of {self.group_size} rows and needs a filler bank to complete them: "
-                    "give --fillers FILE or a checkpoint with group_fillers.json (mot-train saves one)."
+                    f"the model mixes groups of {self.group_size} rows and needs a filler bank to complete them: add "
+                    "one to its checkpoint with `mot-fillers`, or give --fillers FILE."
                 )
             check_filler_bank(fillers, self.group_size)
             if self.eos_ids & set(fillers.flatten().tolist()):
