@@ -582,6 +582,13 @@ def filler_columns(fillers: torch.LongTensor, starts: torch.LongTensor, width: i
     return fillers[:, columns].transpose(0, 1)
 
 
+def real_lengths(ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
+    """The number of real (unpadded) tokens of each row, `(n,)`."""
+    if attention_mask is None:
+        return torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+    return attention_mask.sum(dim=1).long()
+
+
 def isolated_groups(
     ids: torch.LongTensor, fillers: torch.LongTensor, group_size: int, attention_mask: torch.Tensor | None = None
 ) -> tuple[torch.LongTensor, torch.Tensor]:
@@ -591,7 +598,7 @@ def isolated_groups(
     rule by which a request that arrives alone is grouped (`generate`, evaluation, lm-eval)."""
     length = ids.shape[1]
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.dtype)
-    padding = length - mask.sum(dim=1)  # left padding of each row
+    padding = length - real_lengths(ids, attention_mask)  # left padding of each row
     fill = filler_columns(fillers[: group_size - 1].to(ids.device), -padding, length)  # (n, G - 1, length)
     fill_mask = (torch.arange(length, device=ids.device) >= padding[:, None]).to(mask.dtype)[:, None].expand_as(fill)
     grouped = torch.cat([ids[:, None], fill], dim=1).flatten(0, 1)
@@ -1129,8 +1136,11 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
             if problem is not None:
                 raise ValueError(f"`group_fillers`: {problem}.")
             return range(prompt.shape[0])
-        batch_size = (prompt if prompt is not None else kwargs.get("inputs_embeds", torch.empty(1))).shape[0]
-        if not complete_groups or not self.config.uses_groups or not batch_size % self.config.group_size:
+        rows = prompt if prompt is not None else kwargs.get("inputs_embeds")
+        if rows is None or not complete_groups or not self.config.uses_groups:
+            return None
+        batch_size = rows.shape[0]
+        if not batch_size % self.config.group_size:
             return None
         if self.group_fillers is None:
             self.transformer.warn_incomplete_group(batch_size)
@@ -1210,13 +1220,6 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         kept = torch.cat([torch.arange(head, device=prompt.device), groups])
         forcing = FillerForcing(continuation, prompt.shape[1], filler_rows)
         return torch.cat([prompt[:head], ids]), kept, forcing
-
-
-def real_lengths(ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
-    """The number of real (unpadded) tokens of each row, `(n,)`."""
-    if attention_mask is None:
-        return torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
-    return attention_mask.sum(dim=1).long()
 
 
 class FillersStopWithTheirPrompt(StoppingCriteria):
