@@ -122,14 +122,26 @@ def check_token_mask(token_mask: torch.Tensor | None, hidden_states: torch.Tenso
     return token_mask.bool()
 
 
-def _is_packed(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> bool:
-    """Whether some row holds several sequences: its position ids fail to increase between two real tokens (left
-    padding, whose positions `generate` fills with 1s, is not a restart)."""
+def current_token_mask(
+    token_mask: torch.Tensor | None, attention_mask: torch.Tensor | None, seq_len: int
+) -> torch.Tensor | None:
+    """Which of the `seq_len` current tokens are real: `token_mask` if given, else the last columns of a 2-D
+    `attention_mask`; None (all real) without either, or with only a 4-D mask."""
+    if token_mask is None and attention_mask is not None and attention_mask.ndim == 2:
+        return attention_mask[:, -seq_len:]
+    return token_mask
+
+
+def _is_packed(position_ids: torch.Tensor | None, token_mask: torch.Tensor | None) -> bool:
+    """Whether some row holds several sequences: its position ids fail to increase between two real tokens
+    (`token_mask`, None: all real; left padding, whose positions `generate` fills with 1s, is not a restart). It
+    reads the data, so traced code (`torch.compile(fullgraph=True)`, `torch.export`) cannot run it: see
+    `MoTGPTModel._check_grouped_batch`."""
     if position_ids is None or position_ids.shape[-1] < 2:
         return False
     restart = position_ids[..., 1:] <= position_ids[..., :-1]
-    if attention_mask is not None and attention_mask.ndim == 2:
-        real = attention_mask[:, -position_ids.shape[-1] :].bool()
+    if token_mask is not None:
+        real = token_mask.bool()
         restart = restart & real[:, 1:] & real[:, :-1]
     return bool(restart.any())
 
@@ -363,8 +375,10 @@ class TokenChoiceLayer(nn.Module):
         if self.capacity_factor is not None:
             gates = gates.masked_fill(~self.within_capacity(chosen, mask, batch_size), 0.0)
         gates = gates.to(x.dtype)
-        if self.experts.config._experts_implementation == "grouped_mm" and not grouped_mm_kernel_fits(self.experts):
-            # float64 or odd widths: the loop over experts, instead of the kernel's error.
+        kernel_fails = not grouped_mm_kernel_fits(self.experts) and not torch.compiler.is_compiling()
+        if self.experts.config._experts_implementation == "grouped_mm" and kernel_fails:
+            # float64 or odd widths: the loop over experts, instead of the kernel's error. (Traced code never calls
+            # the kernel in float32 or float64: transformers' grouped_mm forward runs its own loop, an opaque op.)
             update = eager_experts_forward(self.experts, x, chosen, gates)
         else:
             update = self.experts(x, chosen, gates)
@@ -400,7 +414,8 @@ class TokenChoiceLayer(nn.Module):
         one_hot = one_hot * priority_order(real[:, None].expand(-1, k))[:, None]
         place = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # -1 for padding
         place = place.view(seq_len, k, batch_size).permute(2, 0, 1).reshape(-1, k)
-        capacity = max(1, math.ceil(self.capacity_factor * int(real.sum()) * k / n_experts))
+        # A tensor, not a Python int, so that no shape or branch depends on the data (torch.compile, torch.export).
+        capacity = (self.capacity_factor * real.sum().double() * k / n_experts).ceil().clamp_min(1)
         return (place >= 0) & (place < capacity)
 
 
@@ -644,6 +659,9 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # The forward has no data-dependent branch or shape in traced inference (see `_check_grouped_batch`), so
+    # `generate` may compile it with `fullgraph=True` for static-cache decoding, and `torch.export` traces it.
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": MoTGPTBlock,
         "attentions": OutputRecorder(GPT2Attention, layer_name=".attn", index=1),
@@ -786,11 +804,13 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
         self,
         batch_size: int,
         attention_mask: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         kwargs: dict,
     ) -> None:
-        """Refuse inputs whose rows are not whole sequences that a MoT group can mix: a 4-D mask, sequences packed
-        into one row, and, at the first training step, a batch that does not hold whole groups."""
+        """Refuse inputs whose rows are not whole sequences that a MoT group can mix: a 4-D mask without a token
+        mask, sequences packed into one row, and, at the first training step, a batch that does not hold whole
+        groups."""
         remedy = (
             "Feed one sequence per row with the 2-D `attention_mask` (padding is kept out of the mixtures), serve with "
             "group-aware batching (`mot-serve`), or convert the model with transition tuning (`mot-transition-tune`) "
@@ -805,13 +825,18 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
                 "(`mot-transition-tune`) into a Token Choice model, which needs no groups and which such engines can "
                 "serve."
             )
-        if attention_mask is not None and attention_mask.ndim != 2:
+        if attention_mask is not None and attention_mask.ndim != 2 and token_mask is None:
             raise ValueError(
                 "MoTGPT's MoT layers mix the tokens of `group_size` batch rows at each position, so they need the 2-D "
                 f"padding mask (batch_size, past_len + seq_len); got a {attention_mask.ndim}-D `attention_mask` (as "
-                f"continuous batching or a packed batch gives). {remedy}"
+                "continuous batching or a packed batch gives) and no `token_mask` saying which of the current tokens "
+                f"are real (static-cache generation passes one beside its 4-D mask). {remedy}"
             )
-        if "cu_seq_lens_q" in kwargs or _is_packed(position_ids, attention_mask):
+        # Packed rows come from training collators (padding-free packing); the check reads the positions, which traced
+        # inference code (`torch.compile(fullgraph=True)`, `torch.export`) cannot branch on, so there it is left to
+        # eager calls and to training, where a compiled model takes a graph break for it.
+        check_packing = self.training or not torch.compiler.is_compiling()
+        if "cu_seq_lens_q" in kwargs or (check_packing and _is_packed(position_ids, token_mask)):
             raise ValueError(
                 "MoTGPT got several sequences packed into one row (position_ids restart inside a row, as padding-free "
                 "packing gives): each would be mixed with the tokens of unrelated sequences and, with one row, in a "
@@ -866,6 +891,7 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         router_temperature: float | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
         r"""
@@ -879,6 +905,10 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
             use_cache: whether to return the updated `past_key_values`.
             router_temperature: MoT mixing temperature for this call (>= 0; 0 = discrete routing), overriding the
                 config and any learned temperature.
+            token_mask: `(batch_size, seq_len)`, 1 for the current tokens that are real, for the expert layers; by
+                default the last `seq_len` columns of the 2-D `attention_mask`. Needed with a 4-D `attention_mask`:
+                static-cache generation hands the model one of fixed shape (so that a compiled forward is not
+                recompiled as the 2-D mask grows) and this beside it.
         """
         kwargs.pop("output_attentions", None)
         kwargs.pop("output_hidden_states", None)
@@ -892,15 +922,15 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
             inputs_embeds = self.wte(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
 
+        token_mask = current_token_mask(token_mask, attention_mask, seq_len)
         if self.config.uses_groups:
-            self._check_grouped_batch(batch_size, attention_mask, position_ids, kwargs)
-            if batch_size % self.config.group_size and not self.training:
+            self._check_grouped_batch(batch_size, attention_mask, token_mask, position_ids, kwargs)
+            if batch_size % self.config.group_size and not self.training and not torch.compiler.is_compiling():
                 # `generate` completes such a group with the model's bank; a forward pass cannot add rows.
                 why = None if self.filler_bank is None else "A forward pass cannot complete it (`generate` does)"
                 self.warn_incomplete_group(batch_size, why)
-        # A 4-D mask (continuous batching hands one) reaches only a model without groups: its expert layers, if any,
-        # treat every token as real, and attention takes the mask as it is.
-        token_mask = None if attention_mask is None or attention_mask.ndim != 2 else attention_mask[:, -seq_len:]
+        # A 4-D mask without a token mask (continuous batching hands one) reaches only a model without groups: its
+        # expert layers, if any, treat every token as real, and attention takes the mask as it is.
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -954,6 +984,7 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         router_temperature: float | None = None,
+        token_mask: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
@@ -982,6 +1013,7 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_router_logits=output_router_logits,
             router_temperature=router_temperature,
+            token_mask=token_mask,
             **kwargs,
         )
         # As transformers' models slice (written out: remote code also loads under transformers releases without the
@@ -995,12 +1027,11 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         if output_router_logits and self.config.ffn_type == "token_choice" and outputs.router_logits:
             # Switch's load-balancing loss; MoT and Expert Choice are balanced by construction and need none.
             seq_len = outputs.last_hidden_state.shape[1]
-            mask = attention_mask[:, -seq_len:] if attention_mask is not None and attention_mask.ndim == 2 else None
             aux_loss = load_balancing_loss_func(
                 outputs.router_logits,
                 self.config.n_experts,
                 self.config.num_experts_per_tok,
-                mask,
+                current_token_mask(token_mask, attention_mask, seq_len),
             )
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
@@ -1037,14 +1068,22 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
         eos_stops_mixing: tuple[int, torch.Tensor] | None = None,
         **kwargs,
     ) -> dict:
-        """As in [`~GenerationMixin`], with the 2-D padding mask kept, and rows that have emitted EOS leaving their
-        groups' mixtures.
+        """As in [`~GenerationMixin`], with rows that have emitted EOS leaving their groups' mixtures and, with a
+        static (compileable) cache, the current tokens' `token_mask` beside the 4-D attention mask the parent builds.
 
         `eos_stops_mixing` is `(prompt_length, eos_token_ids)`, set by [`generate`]: a row whose generated part
         (`input_ids[:, prompt_length:]`) holds one of those ids is masked from that token on. The mask only changes
         what such a finished row shares with its group (and what it attends to itself); its outputs are discarded by
         `generate` anyway. It is a function of `input_ids`, so cached decoding and full recomputation agree.
         """
+        if eos_stops_mixing is not None:
+            prompt_length, eos_token_ids = eos_stops_mixing
+            generated = input_ids[:, prompt_length:]
+            finished = torch.isin(generated, eos_token_ids.to(generated.device)).cumsum(dim=-1) > 0
+            if finished.any():
+                attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
+                # The generated tokens are the mask's last columns (a prompt given as embeddings is not in input_ids).
+                attention_mask[:, attention_mask.shape[1] - generated.shape[1] :] *= ~finished
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             past_key_values=past_key_values,
@@ -1052,18 +1091,19 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
-        if attention_mask is not None:
-            # A static cache makes the parent build a 4-D mask; MoT needs the 2-D one (the model builds the 4-D).
-            model_inputs["attention_mask"] = attention_mask
-        if eos_stops_mixing is not None:
-            prompt_length, eos_token_ids = eos_stops_mixing
-            generated = input_ids[:, prompt_length:]
-            finished = torch.isin(generated, eos_token_ids.to(generated.device)).cumsum(dim=-1) > 0
-            if finished.any():
-                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
-                # The generated tokens are the mask's last columns (a prompt given as embeddings is not in input_ids).
-                mask[:, mask.shape[1] - generated.shape[1] :] *= ~finished
-                model_inputs["attention_mask"] = mask
+        current = (
+            model_inputs["input_ids"] if model_inputs.get("input_ids") is not None else model_inputs["inputs_embeds"]
+        )
+        if isinstance(past_key_values, Cache) and past_key_values.is_compileable:
+            # With a static cache the parent hands the model a 4-D mask of fixed shape (a 2-D mask grows by a column
+            # each step, and a compiled forward would be recompiled each time); the expert layers then read which
+            # current tokens are real from `token_mask`, of fixed shape too.
+            batch_size, seq_len = current.shape[:2]
+            model_inputs["token_mask"] = (
+                torch.ones(batch_size, seq_len, dtype=torch.long, device=current.device)
+                if attention_mask is None
+                else attention_mask[:, -seq_len:].contiguous()  # a fixed stride too: a view's grows with the mask
+            )
         return model_inputs
 
     @torch.no_grad()
