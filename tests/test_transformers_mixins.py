@@ -35,8 +35,8 @@ KINDS = {
 
 # Tests of properties a batch-dependent model does not have by design, and where the project tests them for groups.
 BATCH_DEPENDENT = {
-    "test_batching_equivalence": "a row's output depends on its group; tests/test_modeling_mot.py tests that whole "
-    "groups give the same outputs alone and in a larger batch",
+    "test_batching_equivalence": "a row's output depends on its group; at group level, tests/test_modeling_mot.py::"
+    "test_rows_in_other_groups_do_not_affect_a_group and ::test_full_groups_are_unchanged_by_rows_that_follow",
 }
 # Tests of transformers' experts interface (grouped_mm and batched_mm against eager): only Token Choice's experts are
 # behind it, so they run on the Token Choice config; MoT's and the dense MLP have no other implementation to compare.
