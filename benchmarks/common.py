@@ -17,11 +17,13 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mixture_of_tokens import MoTGPTForCausalLM  # noqa: E402
-from mixture_of_tokens.presets import preset_config  # noqa: E402
+from mixture_of_tokens import MoTGPTConfig, MoTGPTForCausalLM  # noqa: E402
+from mixture_of_tokens.modeling_mot import EXPERT_LAYERS, ExpertChoiceLayer  # noqa: E402
+from mixture_of_tokens.presets import preset_config, recipe_fields  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -122,6 +124,51 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: tor
     return step
 
 
+LAYER_TYPES = ("mot", "uniform_mot", "token_choice", "expert_choice")
+
+
+def build_layers(
+    d: int, n_experts: int, group_size: int, layer_types: tuple[str, ...] = LAYER_TYPES
+) -> dict[str, torch.nn.Module]:
+    """The dense GPT-2 MLP and each expert layer type, FLOP-matched (`expert_size=None`: MoT experts `group_size *
+    4d / n_experts` wide, Token and Expert Choice experts `4d` wide with one expert per token), the dense MLP with
+    the experts' activation, so that only the layer structure differs; weights normal with std 0.02, dropout 0."""
+    layers: dict[str, torch.nn.Module] = {}
+    for ffn_type in layer_types:
+        if ffn_type == "expert_choice" and group_size < n_experts:
+            continue  # fewer than one token per expert and group: not FLOP-matched, refused by the config
+        config = MoTGPTConfig(
+            n_embd=d,
+            n_head=8,
+            n_layer=1,
+            n_experts=n_experts,
+            group_size=group_size,
+            resid_pdrop=0.0,
+            ffn_type=ffn_type,
+            experts_implementation="grouped_mm",  # a model's default; a lone layer would fall back to the loop
+        )
+        layers[ffn_type] = EXPERT_LAYERS[ffn_type](config)
+    config = MoTGPTConfig(n_embd=d, n_head=8, n_layer=1, n_experts=n_experts, group_size=group_size, resid_pdrop=0.0)
+    config.activation_function = config.expert_activation
+    layers["dense"] = GPT2MLP(config.d_ff, config)
+    with torch.no_grad():
+        for layer in layers.values():
+            for param in layer.parameters():
+                torch.nn.init.normal_(param, std=0.02)
+    return layers
+
+
+def make_layer_step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    """One training step of the layer alone: forward, then backward into its parameters and its input."""
+
+    def step() -> None:
+        for tensor in (x, *layer.parameters()):
+            tensor.grad = None
+        layer(x).backward(grad)
+
+    return step
+
+
 def rounded(value: object, digits: int = 5) -> object:
     """`value` with every float rounded to `digits` significant digits, for a compact JSON."""
     if isinstance(value, float):
@@ -153,24 +200,72 @@ def pyplot() -> ModuleType:
 
 # The quality benchmark's model variants (also trained and timed by others)
 
-# Variant -> (preset family, config overrides). "k" is the paper's mixtures per expert, E / G (the overrides get
-# n_experts = k * G of the backbone); a MoT expert is then d_ff / k wide, so each variant spends the dense MLP's
-# expert FLOPs per token, plus MoT's controller and mixing (about 3 * E * d per token and layer, reported as the
-# FLOPs ratio). Token and Expert Choice use E = G experts of width d_ff and one expert per token. Every MLP uses
-# ReLU (the presets' rule, the paper's experts) and, but for `dense_gpt2_init`, the experts' init rule.
+
+def recipe_variant(recipe: str, family: str, **changes: object) -> tuple[str, dict, dict]:
+    """A variant following one of the authors' recipes (`presets.RECIPES`, which names each field's source file):
+    its model fields (for a dense twin, the init of its MLP) and training fields, with `changes` to the model."""
+    model, training = recipe_fields(recipe, dense=family == "dense")
+    return family, model | changes, training
+
+
+# Variant -> (preset family, config overrides[, training fields]). "k" is the paper's mixtures per expert, E / G (the
+# overrides get n_experts = k * G of the backbone); a MoT expert is then d_ff / k wide, so each variant spends the
+# dense MLP's expert FLOPs per token, plus MoT's controller and mixing (about 3 * E * d per token and layer, reported
+# as the FLOPs ratio). Token and Expert Choice have E = k * G experts of width d_ff / num_experts_per_tok, each token
+# processed by num_experts_per_tok of them (on average, for Expert Choice): the same expert FLOPs per token as the
+# dense MLP, and with k = num_experts_per_tok the same expert parameters as MoT k 16 (16 dense MLPs). Every MLP uses
+# ReLU (the presets' rule, the paper's experts) and, but for `dense_gpt2_init`, the experts' init rule. The training
+# fields (weight decay, warm-up, schedule, clipping, and the recipe's learning rate, which joins the tuning grid)
+# replace `mot-train`'s defaults; a variant without them trains with those defaults (init 0.1, weight decay 0.1).
 VARIANTS = {
     "dense": ("dense", {}),
     "dense_gpt2_init": ("dense", {"mlp_init": "gpt2"}),  # GPT-2's init of the MLP (std 0.02, scaled output weights)
+    # The authors' recipes and their dense twins under the same recipe (fields and sources: `presets.RECIPES`).
+    "mot_poc": recipe_variant("poc", "mot"),  # configs/baselines/gpt/mot/mini.yaml: k 16, T 1, init 1.0, no decay
+    "dense_poc": recipe_variant("poc", "dense"),
+    "mot_medium": recipe_variant("medium", "mot"),  # configs/mot/medium_32E_16.yaml: second half, init 0.1, decay 0.1
+    "dense_medium": recipe_variant("medium", "dense"),
+    # The recipes at T 0.1 (not the authors': their runs use T 1).
+    "mot_poc_t0.1": recipe_variant("poc", "mot", router_temperature=0.1),
+    "mot_medium_t0.1": recipe_variant("medium", "mot", router_temperature=0.1),
+    # Ablations, with the default training: not an authors' recipe.
     "mot_k1": ("mot", {"k": 1}),  # E = G: one mixture per expert (the paper's MoT-Medium/32E/1)
     "mot_k2": ("mot", {"k": 2}),
     "mot_k8": ("mot", {"k": 8}),
-    "mot_k16": ("mot", {"k": 16}),  # the authors' proof-of-concept regime: k 16, T 1
+    "mot_k16": ("mot", {"k": 16}),  # k 16, T 1, every block, init 0.1 and weight decay 0.1
     "mot_k16_t0.1": ("mot", {"k": 16, "router_temperature": 0.1}),
     "mot_k16_learned_t": ("mot", {"k": 16, "learnable_temperature": "layer"}),
     "mot_k16_second_half": ("mot", {"k": 16, "mot_layers": "second_half"}),
     "mot_k16_second_half_t0.1": ("mot", {"k": 16, "mot_layers": "second_half", "router_temperature": 0.1}),
     "mot_k16_emit_experts": ("mot", {"k": 16, "mot_emit_weights": "experts"}),
     "uniform_mot_k16": ("mot", {"k": 16, "ffn_type": "uniform_mot"}),
+    # Fair sparse baselines. Dropless Token Choice (no capacity limit: a Mixtral-style MoE), Switch's balancing loss:
+    # top-1 of G experts as wide as the dense MLP, top-2 of 2G experts half as wide.
+    "token_choice_top1": (
+        "mot",
+        {"k": 1, "ffn_type": "token_choice", "capacity_factor": None, "output_router_logits": True},
+    ),
+    "token_choice_top2": (
+        "mot",
+        {
+            "k": 2,
+            "ffn_type": "token_choice",
+            "num_experts_per_tok": 2,
+            "capacity_factor": None,
+            "output_router_logits": True,
+        },
+    ),
+    # Expert Choice with the authors' output normalization: each expert takes capacity_factor (1) * G * (experts per
+    # token) / E tokens of a group, so the group's picks equal its tokens times the experts per token; some tokens are
+    # still picked twice and others never (`expert_choice_unprocessed`). `_top2`: 2G experts half as wide, each token
+    # picked twice on average (Expert Choice's capacity factor 2, at the dense MLP's FLOPs).
+    "expert_choice_norm": ("mot", {"k": 1, "ffn_type": "expert_choice", "expert_choice_output_norm": True}),
+    "expert_choice_norm_top2": (
+        "mot",
+        {"k": 2, "ffn_type": "expert_choice", "num_experts_per_tok": 2, "expert_choice_output_norm": True},
+    ),
+    # Extra rows, the earlier baselines: Token Choice with a capacity limit (drops assignments) and Expert Choice
+    # without the output normalization.
     "token_choice": (
         "mot",
         {"k": 1, "ffn_type": "token_choice", "capacity_factor": 1.25, "output_router_logits": True},
@@ -180,12 +275,13 @@ VARIANTS = {
 
 
 def variant_config(variant: str, backbone: str) -> dict:
-    """The (preset, config overrides) of a variant on a backbone, with "k" resolved to n_experts = k * G."""
-    family, overrides = VARIANTS[variant]
+    """The (preset, config overrides, training fields) of a variant on a backbone, with "k" resolved to
+    n_experts = k * G."""
+    family, overrides, training = (*VARIANTS[variant], {})[:3]
     overrides = {"mlp_init": "experts"} | overrides
     if "k" in overrides:
         overrides["n_experts"] = overrides.pop("k") * preset_config(f"mot-{backbone}").group_size
-    return {"preset": f"{family}-{backbone}", "overrides": overrides}
+    return {"preset": f"{family}-{backbone}", "overrides": overrides, "training": dict(training)}
 
 
 def variant_model(spec: dict, vocab_size: int, block_size: int) -> MoTGPTForCausalLM:
@@ -193,3 +289,23 @@ def variant_model(spec: dict, vocab_size: int, block_size: int) -> MoTGPTForCaus
     return MoTGPTForCausalLM(
         preset_config(spec["preset"], vocab_size=vocab_size, n_positions=block_size, **spec["overrides"])
     )
+
+
+@torch.no_grad()
+def expert_choice_unprocessed(model: MoTGPTForCausalLM, input_ids: torch.Tensor) -> list[float]:
+    """For each Expert Choice layer of `model`, in block order, the fraction of the tokens of `input_ids` (all real,
+    whole groups of rows) that no expert picks, so that the layer leaves them without an update, measured on the
+    hidden states the layer receives (`ExpertChoiceLayer.unprocessed_fraction`)."""
+    fractions = []
+
+    def measure(layer: ExpertChoiceLayer, args: tuple) -> None:
+        fractions.append(layer.unprocessed_fraction(args[0]))
+
+    layers = [module for module in model.modules() if isinstance(module, ExpertChoiceLayer)]
+    hooks = [layer.register_forward_pre_hook(measure) for layer in layers]
+    try:
+        model(input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return fractions

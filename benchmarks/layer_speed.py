@@ -15,61 +15,23 @@ Usage, from the repository root:
 
 import argparse
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import interleaved_times, machine_info, median_ratio, pyplot, write_json
-from torch import nn
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
-
-from mixture_of_tokens import MoTGPTConfig
-from mixture_of_tokens.modeling_mot import EXPERT_LAYERS
+from common import (
+    LAYER_TYPES,
+    build_layers,
+    interleaved_times,
+    machine_info,
+    make_layer_step,
+    median_ratio,
+    pyplot,
+    write_json,
+)
 
 GROUP_SIZE = 32
 SETTINGS = [(256, 32), (256, 256), (512, 32), (512, 256)]  # (n_embd, n_experts)
 QUICK_SETTINGS = [(64, 8), (64, 32)]
-
-
-LAYER_TYPES = ("mot", "uniform_mot", "token_choice", "expert_choice")
-
-
-def build_layers(d: int, n_experts: int, layer_types: tuple[str, ...] = LAYER_TYPES) -> dict[str, nn.Module]:
-    """The dense MLP and each expert layer type, FLOP-matched (Token/Expert Choice with one expert per token)."""
-    layers: dict[str, nn.Module] = {}
-    for ffn_type in layer_types:
-        if ffn_type == "expert_choice" and GROUP_SIZE < n_experts:
-            continue  # fewer than one token per expert and group: not FLOP-matched, refused by the config
-        config = MoTGPTConfig(
-            n_embd=d,
-            n_head=8,
-            n_layer=1,
-            n_experts=n_experts,
-            group_size=GROUP_SIZE,
-            resid_pdrop=0.0,
-            ffn_type=ffn_type,
-            experts_implementation="grouped_mm",  # a model's default; a lone layer would fall back to the loop
-        )
-        layers[ffn_type] = EXPERT_LAYERS[ffn_type](config)
-    config.activation_function = config.expert_activation
-    layers["dense"] = GPT2MLP(config.d_ff, config)
-    with torch.no_grad():
-        for layer in layers.values():
-            for param in layer.parameters():
-                nn.init.normal_(param, std=0.02)
-    return layers
-
-
-def make_layer_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
-    """One training step of the layer alone: forward, then backward into its parameters and its input."""
-
-    def step() -> None:
-        for tensor in (x, *layer.parameters()):
-            tensor.grad = None
-        out = layer(x)
-        out.backward(grad)
-
-    return step
 
 
 def time_setting(
@@ -79,7 +41,7 @@ def time_setting(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(batch, seq_len, d, device=device, requires_grad=True)
     grad = torch.randn(batch, seq_len, d, device=device)
-    layers = build_layers(d, n_experts, layer_types)
+    layers = build_layers(d, n_experts, GROUP_SIZE, layer_types)
     steps = {name: make_layer_step(layer.to(device), x, grad) for name, layer in layers.items()}
     times, discarded = interleaved_times(steps, device, repeats, warmup)
     return {

@@ -1,6 +1,7 @@
-"""The paper's comparison at CPU scale, tuned and seeded: dense, MoT in the authors' regime and its ablations,
-uniform-routing MoT, Token Choice (with its load-balancing loss) and Expert Choice, trained on the same tokens with
-the same schedule and scored on the same 2,048 held-out blocks.
+"""The paper's comparison at CPU scale, tuned and seeded: dense and MoT under the authors' recipes (`poc`, `medium`)
+and MoT's ablations, uniform-routing MoT, dropless Token Choice (top-1 and top-2, with Switch's balancing loss) and
+Expert Choice with the authors' output normalization, at equal expert FLOPs per token, trained on the same tokens
+with the same schedule and scored on the same 2,048 held-out blocks.
 
 A benchmark, not a test. Every run trains one variant (`common.VARIANTS`) of a backbone (`tiny`: 4 blocks, d 128, G 16;
 `medium`: the paper's 8 blocks, d 512, G 32, experts in the second half) with `mot-train`'s code path on the
@@ -10,7 +11,7 @@ full groups only). The stages build on each other:
 
     python benchmarks/quality.py --stage tune     # every TUNED variant at each of --learning_rates, a short budget
     python benchmarks/quality.py --stage final    # dense, best MoT and best sparse model at their best rate, 3 seeds
-    python benchmarks/quality.py --stage regime   # the MoT ablations (k, T, blocks, emit weights) at MoT's best rate
+    python benchmarks/quality.py --stage regime   # MoT's ablations, the earlier sparse baselines (borrowed rates)
     python benchmarks/quality.py --stage regime --variants mot_k16 --regime_seeds 1 2   # an ablation's seed spread
     python benchmarks/quality.py --stage long     # dense and the best MoT for --long_factor times the tokens
     python benchmarks/quality.py                  # rebuild the summary from the committed curves, train nothing
@@ -20,28 +21,52 @@ Each finished run writes its compact curve to `--curves_dir` (one JSON per run, 
 (`--out` JSON and PNG) is always rebuilt from those files alone, so the comparison can be rebuilt without training
 and continued run by run on other machines. Run folders (`--runs_dir`) hold the checkpoints: an interrupted run
 resumes, a finished one is skipped (a resumed run's `training_seconds` count from `timed_from_step`).
+
+A recipe variant trains with its recipe's training fields (weight decay, warm-up, schedule, clipping) and its
+learning rate joins the tuning grid. A run that would see its training text more than once (more steps than the
+training blocks fill batches) is refused unless `--allow_repeats` is given; such a run is marked `repeats_text` in its
+curve and in the summary, with the epochs it saw.
 """
 
 import argparse
+import functools
 import json
 import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS, VARIANTS, machine_info, pyplot, variant_config, variant_model, write_json
+import torch
+from common import (
+    RESULTS,
+    VARIANTS,
+    expert_choice_unprocessed,
+    machine_info,
+    pyplot,
+    variant_config,
+    variant_model,
+    write_json,
+)
 from safetensors import safe_open
+from transformers import AutoTokenizer
 
+from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.card import flops_per_token, parameter_counts
+from mixture_of_tokens.data import load_sotu, load_text, pack, sample_blocks, train_bpe_tokenizer
 from mixture_of_tokens.run_log import train_or_reuse, validation_curve
 from mixture_of_tokens.training import MoTTrainingArguments, ScriptArguments, run_training
 
-# Tuned: every model type at each learning rate. MoT is tuned in the authors' regime (k 16) at T 1 and at T 0.1; the
-# better of the two lends its rate to every other MoT variant, dense to dense_gpt2_init.
-MOT_TUNED = ("mot_k16", "mot_k16_t0.1")
-TUNED = ("dense", *MOT_TUNED, "token_choice", "expert_choice")
-SPARSE = ("token_choice", "expert_choice")
+# Tuned: every model type at each learning rate (and at its recipe's). Dense and MoT under each of the authors' recipes
+# and under the default training (MoT k 16 at T 1 and T 0.1), and the fair sparse baselines. The best MoT lends its
+# rate to the MoT ablations; the other untuned variants take the rate of the variant they derive from (`RATE_FROM`).
+DENSE_TUNED = ("dense", "dense_poc", "dense_medium")
+MOT_TUNED = ("mot_poc", "mot_medium", "mot_k16", "mot_k16_t0.1")
+SPARSE = ("token_choice_top1", "token_choice_top2", "expert_choice_norm", "expert_choice_norm_top2")
+TUNED = (*DENSE_TUNED, *MOT_TUNED, *SPARSE)
+RATE_FROM = {"dense_gpt2_init": "dense", "mot_poc_t0.1": "mot_poc", "mot_medium_t0.1": "mot_medium",
+             "token_choice": "token_choice_top1", "expert_choice": "expert_choice_norm"}  # fmt: skip
 REGIME = ("mot_k1", "mot_k2", "mot_k8", "mot_k16", "mot_k16_t0.1", "mot_k16_learned_t", "mot_k16_second_half",
-          "mot_k16_second_half_t0.1", "mot_k16_emit_experts", "uniform_mot_k16", "dense_gpt2_init")  # fmt: skip
+          "mot_k16_second_half_t0.1", "mot_k16_emit_experts", "uniform_mot_k16", "dense_gpt2_init", "mot_poc_t0.1",
+          "mot_medium_t0.1", "token_choice", "expert_choice")  # fmt: skip
 QUICK = {"max_steps": 4, "tune_steps": 2, "eval_steps": 2, "block_size": 16, "batch_size": 16, "eval_blocks": 16}
 
 
@@ -72,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--curves_dir", default=str(RESULTS / "quality"), help="one compact JSON per finished run")
     parser.add_argument("--out", default=str(RESULTS / "quality.json"))
     parser.add_argument("--quick", action="store_true", help="a few tiny steps of every run (smoke test)")
+    parser.add_argument(
+        "--allow_repeats", action="store_true", help="train runs that see their training text more than once"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -90,13 +118,16 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
     spec, settings = variant_config(variant, args.backbone), run_settings(args)
     if curve_file.exists():
         record = json.loads(curve_file.read_text())
-        changed = {key: (record[key], now) for key, now in {**spec, "settings": settings}.items() if record[key] != now}
+        # A curve from before the training fields were recorded trained with the defaults: no training fields.
+        now = {**spec, "settings": settings}
+        changed = {key: (record.get(key, {}), value) for key, value in now.items() if record.get(key, {}) != value}
         if changed:
             raise ValueError(
                 f"the committed run {curve_file} was made with other settings (recorded, now): {changed}. "
                 "Give another --curves_dir, or delete that file to train the run again."
             )
         return record
+    text_use = check_repeats(name, steps, args)
     output_dir = Path(args.runs_dir) / args.backbone / name
     script = ScriptArguments(
         preset=spec["preset"],
@@ -124,6 +155,7 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
         use_cpu=args.device == "cpu",
         bf16=args.bf16,
         disable_tqdm=True,
+        **{key: value for key, value in spec["training"].items() if key != "learning_rate"},
     )
     print(f"[quality] {name}: {steps} steps", flush=True)
     tick = time.time()
@@ -141,9 +173,11 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
         "seed": seed,
         "max_steps": steps,
         "tokens_per_step": args.batch_size * args.block_size,
+        **text_use,
         "settings": settings,
         "validation_curve": validation_curve(output_dir),
         "learned_temperatures": learned_temperatures(output_dir),
+        "expert_choice_unprocessed": unprocessed_on_validation(output_dir, spec, args),
         "parameters": total,
         "active_parameters_per_token": active,
         "flops_per_token": flops_per_token(model),
@@ -153,6 +187,47 @@ def train(variant: str, learning_rate: float, seed: int, steps: int, args: argpa
     }
     write_json(record, curve_file)
     return record
+
+
+@functools.cache
+def training_blocks(corpus: tuple[str, ...], vocab_size: int, block_size: int, cache_dir: str) -> int:
+    """How many blocks a run's training text packs into: the same BPE and blocks as `mot-train` makes (the BPE is
+    deterministic and the block cache shared, so the run itself does not tokenize again)."""
+    text = load_text(list(corpus))
+    return len(pack(text, train_bpe_tokenizer(text["text"], vocab_size), block_size, cache_dir))
+
+
+def unprocessed_on_validation(output_dir: Path, spec: dict, args: argparse.Namespace) -> list[float] | None:
+    """An Expert Choice run's fraction of held-out tokens that each Expert Choice layer leaves without an update, on
+    the first evaluation batch (`common.expert_choice_unprocessed`); None for the other layer types."""
+    if spec["overrides"].get("ffn_type") != "expert_choice":
+        return None
+    text = load_text(args.validation) if args.validation else load_sotu()["validation"]
+    blocks = pack(text, AutoTokenizer.from_pretrained(output_dir), args.block_size, args.data_cache_dir)
+    batch = torch.tensor(sample_blocks(blocks, args.batch_size)["input_ids"])  # the evaluation's first batch
+    return expert_choice_unprocessed(MoTGPTForCausalLM.from_pretrained(output_dir), batch)
+
+
+def check_repeats(name: str, steps: int, args: argparse.Namespace) -> dict:
+    """Refuse a run that would see its training text more than once (unless `--allow_repeats`); return what it sees:
+    training tokens, tokens seen, epochs (their ratio) and whether it repeats text. An epoch is the training blocks
+    // batch size steps (the loader drops the last partial batch), so a run repeats text past that many steps."""
+    blocks = training_blocks(tuple(args.corpus), args.vocab_size, args.block_size, args.data_cache_dir)
+    total, seen = blocks * args.block_size, steps * args.batch_size * args.block_size
+    repeats = steps > blocks // args.batch_size
+    if repeats and not args.allow_repeats:
+        raise ValueError(
+            f"run {name} would see {seen:,} tokens of a training text of {total:,} tokens ({seen / total:.2f} "
+            f"epochs; one epoch is {blocks // args.batch_size} steps): it would repeat its training text. Pass "
+            "--allow_repeats to train it anyway (it is marked repeats_text), or train fewer steps or on more text."
+        )
+    return {"training_tokens": total, "tokens_seen": seen, "epochs": round(seen / total, 3), "repeats_text": repeats}
+
+
+def tuning_rates(variant: str, args: argparse.Namespace) -> list[float]:
+    """The learning rates a variant is tuned at: `--learning_rates` and its recipe's rate, if it has one."""
+    recipe_rate = variant_config(variant, args.backbone)["training"].get("learning_rate")
+    return sorted(set(args.learning_rates) | ({recipe_rate} if recipe_rate else set()))
 
 
 def learned_temperatures(output_dir: Path) -> list[list[float]] | None:
@@ -186,9 +261,10 @@ def tuning_runs(curves: dict[str, dict], variant: str, steps: int) -> list[dict]
 
 
 def best_learning_rates(curves: dict[str, dict], steps: int) -> dict[str, float]:
-    """Each tuned variant's learning rate with the lowest final loss among its tuning runs of `steps` steps."""
+    """Each tuned variant's learning rate with the lowest final loss among its tuning runs of `steps` steps (also a
+    variant tuned before it left `TUNED`)."""
     best = {}
-    for variant in TUNED:
+    for variant in VARIANTS:
         runs = tuning_runs(curves, variant, steps)
         if runs:
             best[variant] = min(runs, key=final_loss)["learning_rate"]
@@ -203,12 +279,12 @@ def best_tuned(curves: dict[str, dict], steps: int, variants: tuple[str, ...]) -
 
 
 def learning_rates(curves: dict[str, dict], steps: int) -> dict[str, float]:
-    """The learning rate of every variant: its own tuned one, else dense's for dense variants and the best tuned MoT
-    variant's for the others."""
+    """The learning rate of every variant: its own tuned one, else that of the variant it derives from (`RATE_FROM`),
+    else the best tuned MoT variant's."""
     rates = best_learning_rates(curves, steps)
     mot = best_tuned(curves, steps, MOT_TUNED)
     for variant in VARIANTS:
-        source = "dense" if variant.startswith("dense") else mot
+        source = RATE_FROM.get(variant, mot)
         if variant not in rates and source in rates:
             rates[variant] = rates[source]
     return rates
@@ -226,13 +302,15 @@ def seeded_runs(curves: dict[str, dict], variant: str, rate: float, args: argpar
 
 
 def chosen_models(curves: dict[str, dict], args: argparse.Namespace) -> dict[str, str]:
-    """The final comparison's models: dense, the best MoT variant and the best sparse one (lowest tuning loss).
+    """The final comparison's models: the best dense variant and the best sparse one (lowest tuning loss), and the
+    best MoT variant.
 
     The best MoT variant has the lowest mean loss over the seeds it was run on for `max_steps` (else it is the best
     tuned one). A regime run has seed 0 only, so a variant that wins on seed 0 is picked, the final stage runs its
     other seeds, and it stays the pick only if its mean over all of them is still the lowest."""
     rates = learning_rates(curves, args.tune_steps)
-    chosen = {"dense": "dense", "mot": best_tuned(curves, args.tune_steps, MOT_TUNED)}
+    chosen = {"dense": best_tuned(curves, args.tune_steps, DENSE_TUNED) or "dense",
+              "mot": best_tuned(curves, args.tune_steps, MOT_TUNED)}  # fmt: skip
     losses = {}
     for variant, rate in rates.items():
         runs = seeded_runs(curves, variant, rate, args)
@@ -303,7 +381,7 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
     }
     chosen = chosen_models(curves, args)
     roles = {variant: role for role, variant in chosen.items()}
-    dense_runs = [r for r in curves.values() if r["variant"] == "dense"]
+    dense_runs = [r for r in curves.values() if r["variant"] == chosen["dense"]]
     dense_flops = dense_runs[0]["flops_per_token"] if dense_runs else None
     final = {}
     for variant, rate in rates.items():
@@ -312,7 +390,7 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             final[variant] = {"role": roles.get(variant), "learning_rate": rate, "final_validation_loss":
                               mean_and_spread([final_loss(r) for r in runs]), "seeds": [r["seed"] for r in runs],
                               "flops_ratio_to_dense": runs[0]["flops_per_token"] / dense_flops if dense_flops else None,
-                              "mean_curve": mean_curve(runs)}  # fmt: skip
+                              "mean_curve": mean_curve(runs), **text_use(runs)}  # fmt: skip
     dense = final.get(chosen["dense"])
     for entry in final.values():
         if dense and entry is not dense:
@@ -340,7 +418,7 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
         record = curves.get(run_id(variant, rate, 0, args.max_steps * args.long_factor))
         if record:
             long[variant] = {"role": roles.get(variant), "learning_rate": rate,
-                             "validation_curve": record["validation_curve"]}  # fmt: skip
+                             "validation_curve": record["validation_curve"], **text_use([record])}  # fmt: skip
     dense_long = long.get(chosen["dense"])
     dense_curve = dict(dense_long["validation_curve"]) if dense_long else {}
     for entry in long.values():
@@ -352,9 +430,17 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             entry["dense_steps_to_this_final_loss"] = steps_to_reach(
                 dense_long["validation_curve"], entry["validation_curve"][-1][1]
             )
+    repeating = sorted(name for name, record in curves.items() if record.get("repeats_text"))
     return {"tuned_learning_rates": best_learning_rates(curves, args.tune_steps), "learning_rates": rates,
             "tuning_final_loss": tuning, "chosen": chosen, "final": final, "differences": differences,
-            "regime": regime, "long": long}  # fmt: skip
+            "regime": regime, "long": long, "runs_repeating_text": repeating}  # fmt: skip
+
+
+def text_use(runs: list[dict]) -> dict:
+    """The most epochs of training text any of `runs` saw and whether one repeated it (None for runs recorded before
+    this was)."""
+    epochs = [record.get("epochs") for record in runs]
+    return {"epochs": None if None in epochs else max(epochs), "repeats_text": any(r.get("repeats_text") for r in runs)}
 
 
 def plot(curves: dict[str, dict], summary: dict, args: argparse.Namespace, path: Path) -> None:
@@ -407,7 +493,7 @@ def run_stage(args: argparse.Namespace) -> None:
 
     if args.stage == "tune":
         for variant in TUNED:
-            for rate in args.learning_rates:
+            for rate in tuning_rates(variant, args):
                 train_if_chosen(variant, rate, 0, args.tune_steps)
         return
     curves = load_curves(args.curves_dir, args.backbone)
@@ -439,15 +525,17 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summarize(curves, args),
         "runs": {name: {key: record[key] for key in ("variant", "learning_rate", "seed", "max_steps",
                                                       "parameters", "flops_per_token", "training_seconds")}
-                 | {"final_validation_loss": final_loss(record)} for name, record in curves.items()},
+                 | {"final_validation_loss": final_loss(record), **text_use([record])}
+                 for name, record in curves.items()},
     }  # fmt: skip
     out = Path(args.out)
     write_json(results, out)
     plot(curves, results["summary"], args, out.with_suffix(".png"))
     for variant, entry in results["summary"]["final"].items():
         loss = entry["final_validation_loss"]
+        repeats = f" (repeats its text: {entry['epochs']} epochs)" if entry["repeats_text"] else ""
         role = entry["role"] or ""
-        print(f"[quality] {variant:22s} {role:6s} {loss['mean']:.4f} +- {loss['std']:.4f} (n {loss['n']})")
+        print(f"[quality] {variant:22s} {role:6s} {loss['mean']:.4f} +- {loss['std']:.4f} (n {loss['n']}){repeats}")
     return results
 
 

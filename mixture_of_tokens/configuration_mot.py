@@ -125,6 +125,12 @@ class MoTGPTConfig(GPT2Config):
             to sum to 1. `None` (default) renormalizes when `num_experts_per_tok > 1` (Mixtral) and keeps the raw
             probability for a single expert (Switch, whose router then learns through its gate). `True` always
             renormalizes (with one expert the gate is 1, as transition tuning uses it); `False` never does.
+        expert_choice_output_norm (`bool`, *optional*, defaults to `False`):
+            Expert Choice: whether each token's summed update goes through a LayerNorm (learned scale and bias)
+            before it joins the residual stream, as in the authors' Expert Choice (llm-random's
+            `layer_norm_in_expert_choice`). Without it the update is the experts' outputs weighted by softmax scores
+            over all experts, which starts far smaller than a dense MLP's. Off by default, so that checkpoints saved
+            before the field existed keep their behaviour. Only for `ffn_type="expert_choice"`.
         router_bias (`bool`, *optional*, defaults to `False`):
             Token Choice: whether the router adds a learned per-expert bias `(n_experts,)` to its logits. Transition
             tuning sets it from a calibration pass so that the converted router starts balanced (a MoT controller's
@@ -192,6 +198,7 @@ class MoTGPTConfig(GPT2Config):
         default=1.0, metadata=_number(0, inclusive=False, none_means="no limit")
     )
     norm_topk_prob: bool | None = field(default=None, metadata=_one_of((None, True, False)))
+    expert_choice_output_norm: bool = field(default=False, metadata=_one_of((True, False)))
     router_bias: bool = field(default=False, metadata=_one_of((True, False)))
     router_aux_loss_coef: float | int | None = field(default=None, metadata=_number(0, inclusive=True))
     output_router_logits: bool = field(default=False, metadata=_one_of((True, False)))
@@ -243,6 +250,11 @@ class MoTGPTConfig(GPT2Config):
             raise ValueError(
                 f"`router_bias=True` is only for ffn_type='token_choice', got ffn_type={self.ffn_type!r}: MoT's "
                 "softmax over the group ignores any per-expert offset, and Expert Choice has no bias."
+            )
+        if self.expert_choice_output_norm and self.ffn_type != "expert_choice":
+            raise ValueError(
+                f"`expert_choice_output_norm=True` is only for ffn_type='expert_choice', got ffn_type="
+                f"{self.ffn_type!r}: the other layer types have no such norm."
             )
         self.check_router_aux_loss_coef()
         picks = (self.capacity_factor or 1.0) * self.group_size * self.num_experts_per_tok / self.n_experts

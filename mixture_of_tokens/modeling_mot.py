@@ -424,8 +424,13 @@ class ExpertChoiceLayer(nn.Module):
     offered to the experts, and each expert takes its best
     `ceil(capacity_factor * group_size * num_experts_per_tok / n_experts)` real tokens (by the softmax over experts
     of the router logits), weighting its output by that score. Choosing among the rows of one position keeps the
-    model causal; a smaller last group offers fewer tokens. Roles: `router` ([`Router`]) and `experts`
-    ([`BatchedExperts`], each on the tokens it picked)."""
+    model causal; a smaller last group offers fewer tokens. Roles: `router` ([`Router`]), `experts`
+    ([`BatchedExperts`], each on the tokens it picked) and, with `config.expert_choice_output_norm`, `output_norm`:
+    a LayerNorm over the summed update of each token, as the authors' Expert Choice normalizes its output. The
+    gates are softmax scores over many experts, so without it the update starts far smaller than a dense MLP's.
+
+    A token no expert picks gets no update (with the norm, the norm's bias); [`unprocessed_fraction`] measures how
+    many do."""
 
     def __init__(self, config: MoTGPTConfig):
         super().__init__()
@@ -433,29 +438,55 @@ class ExpertChoiceLayer(nn.Module):
         self.capacity = config.expert_choice_capacity
         self.router = Router(config)
         self.experts = BatchedExperts(config)
+        norm = config.expert_choice_output_norm
+        self.output_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon) if norm else None
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Shapes as in [`TokenChoiceLayer.forward`]."""
         batch_size, seq_len, d = hidden_states.shape
         token_mask = check_token_mask(token_mask, hidden_states)
+        x, _, rows, gates = self.route(hidden_states, token_mask)
+        x_flat = x.reshape(-1, d)
+        outputs = self.experts(x_flat[rows]) * gates[..., None]
+        update = torch.zeros_like(x_flat).index_add(0, rows.flatten(), outputs.flatten(0, 1))
+        update = update.view(-1, seq_len, d)[:batch_size]
+        if self.output_norm is not None:
+            update = self.output_norm(update)
+            if token_mask is not None:
+                update = update * token_mask[..., None]  # padding still gets no update (the norm's bias otherwise)
+        return self.dropout(update)
+
+    def route(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Each expert's picks: the grouped hidden states `(n_groups, group_size, seq_len, d)` and mask (as
+        [`to_groups`] gives them), the row of each pick in the grouped states flattened to `(-1, d)` and its gate,
+        both `(n_experts, picks)` (gate 0 for a padding token, chosen only when a group has too few real ones)."""
+        batch_size, seq_len, _ = hidden_states.shape
         router_logits = self.router(hidden_states).view(batch_size, seq_len, -1)
         x, real = to_groups(hidden_states, token_mask, self.group_size)
         router_logits, _ = to_groups(router_logits, None, self.group_size)  # (n_groups, G, seq_len, n_experts)
-        n_groups = x.shape[0]
         scores = torch.softmax(router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)), dim=-1)
         if real is not None:
             scores = scores.masked_fill(~real, -1.0)  # padding is chosen last
         top_scores, chosen = scores.topk(self.capacity, dim=1)  # (n_groups, capacity, seq_len, n_experts)
-        gates = top_scores.clamp_min(0.0).to(x.dtype)  # a padding token, if chosen, contributes nothing
-        # Row index of each chosen token in x flattened to (n_groups * group_size * seq_len, d).
-        group_start = torch.arange(n_groups, device=x.device).view(-1, 1, 1, 1) * self.group_size
+        gates = top_scores.clamp_min(0.0).to(x.dtype).permute(3, 0, 1, 2).flatten(1)
+        group_start = torch.arange(x.shape[0], device=x.device).view(-1, 1, 1, 1) * self.group_size
         position = torch.arange(seq_len, device=x.device).view(1, 1, -1, 1)
-        rows = ((group_start + chosen) * seq_len + position).permute(3, 0, 1, 2).flatten(1)  # (n_experts, picks)
-        x_flat = x.reshape(-1, d)
-        outputs = self.experts(x_flat[rows]) * gates.permute(3, 0, 1, 2).flatten(1)[..., None]
-        update = torch.zeros_like(x_flat).index_add(0, rows.flatten(), outputs.flatten(0, 1))
-        return self.dropout(update.view(n_groups * self.group_size, seq_len, d)[:batch_size])
+        rows = ((group_start + chosen) * seq_len + position).permute(3, 0, 1, 2).flatten(1)
+        return x, real, rows, gates
+
+    @torch.no_grad()
+    def unprocessed_fraction(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> float:
+        """The fraction of the real tokens of `hidden_states` `(batch_size, seq_len, n_embd)` that no expert picks,
+        so that this layer leaves them without an update: what Expert Choice's balance costs. Groups as in
+        [`forward`]."""
+        x, real, rows, _ = self.route(hidden_states, check_token_mask(token_mask, hidden_states))
+        picked = torch.zeros(x.shape[:3].numel(), dtype=torch.bool, device=x.device)
+        picked[rows.flatten()] = True
+        real = torch.ones_like(picked) if real is None else real.flatten()
+        return float((real & ~picked).sum() / real.sum())
 
 
 class MLP(GPT2MLP):

@@ -10,6 +10,7 @@ works as in transformers (--per_device_train_batch_size, --eval_steps, --bf16, .
 `mot-finetune` takes any causal LM checkpoint (MoTGPT or not) and the same arguments, with a lower learning rate.
 """
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from .annealing import TemperatureAnnealingCallback, check_annealing
 from .data import load_sotu, load_text, make_tokenizer, pack, sample_blocks
 from .fillers import spread_filler_bank
 from .modeling_mot import MoTGPTForCausalLM
-from .presets import PRESETS, preset_config
+from .presets import PRESETS, preset_config, preset_training
 from .run_log import JsonlMetricsCallback, checkpoint_step, plot_loss_curves, read_metrics
 from .trainer import MoTTrainer
 
@@ -112,9 +113,11 @@ class MoTTrainingArguments(TrainingArguments):
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, MoTTrainingArguments]:
     """Parse `--key value` arguments; `--config_file F` reads the same arguments from a YAML/JSON file (JSON is
-    YAML), and the command line wins."""
+    YAML). A preset of one of the authors' recipes (`mot-poc`, ...) brings the recipe's training arguments as
+    defaults (`presets.preset_training`); the file's values override them, and the command line wins over both."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ScriptArguments, MoTTrainingArguments))
+    values = {}
     if "--config_file" in argv:
         index = argv.index("--config_file")
         path, argv = argv[index + 1], argv[:index] + argv[index + 2 :]
@@ -126,7 +129,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, MoTTrain
         if isinstance(values.get("model"), dict):  # `model:` may also be written as a mapping of config fields
             values["model"] = [f"{key}={json.dumps(value)}" for key, value in values["model"].items()]
         parser.parse_dict(values)  # HfArgumentParser's own check: a ValueError names any unknown argument
-        parser.set_defaults(**values)  # the file's values become the defaults, which the command line overrides
+    preset_parser = argparse.ArgumentParser(add_help=False)
+    preset_parser.add_argument("--preset", default=values.get("preset"))
+    parser.set_defaults(**preset_training(preset_parser.parse_known_args(argv)[0].preset or ""))
+    parser.set_defaults(**values)  # the file's values become the defaults, which the command line overrides
     return parser.parse_args_into_dataclasses(args=argv)
 
 

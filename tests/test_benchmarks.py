@@ -40,12 +40,13 @@ def test_quality_benchmark_configs_differ_from_dense_only_in_the_layer():
     assert configs["mot_k16"].n_experts == 16 * configs["mot_k16"].group_size
     assert (configs["mot_k16"].router_temperature, configs["mot_k16"].mot_layer_indices) == (1.0, [0, 1, 2, 3])
     # Token Choice trains with its load-balancing loss: the config turns it on and the model adds it.
+    for variant in ("token_choice", "token_choice_top1", "token_choice_top2"):
+        assert configs[variant].output_router_logits and configs[variant].router_aux_loss_coef == 0.01
     token_choice = configs["token_choice"]
-    assert token_choice.output_router_logits and token_choice.router_aux_loss_coef == 0.01
     ids = torch.randint(0, 64, (4, 16))
     output = MoTGPTForCausalLM(token_choice)(ids, labels=ids)
     assert output.aux_loss > 0 and output.loss > output.aux_loss * 0.01
-    assert not any(c.output_router_logits for v, c in configs.items() if v != "token_choice")
+    assert not any(c.output_router_logits for c in configs.values() if c.ffn_type != "token_choice")
 
 
 def test_learned_temperatures_are_read_per_layer_in_layer_order(tmp_path):
@@ -204,7 +205,9 @@ def test_generation_speed_benchmark_compares_motgpt_with_gpt2(tmp_path, keep_thr
 def test_regime_stage_trains_the_asked_seeds_of_the_asked_variants(tmp_path, monkeypatch):
     trained = []
     monkeypatch.setattr(quality, "train", lambda variant, rate, seed, steps, _: trained.append((variant, seed, steps)))
-    # The committed tuning curves give the learning rates; nothing is trained for real.
+    # The committed tuning curves give the learning rates (of the variants tuned when they were made); nothing is
+    # trained for real.
+    monkeypatch.setattr(quality, "TUNED", ("dense", "mot_k16", "mot_k16_t0.1", "token_choice", "expert_choice"))
     quality.main(["--stage", "regime", "--variants", "mot_k16", "mot_k1", "--regime_seeds", "1", "2",
                   "--out", str(tmp_path / "q.json")])  # fmt: skip
     assert trained == [("mot_k1", 1, 1000), ("mot_k16", 1, 1000), ("mot_k1", 2, 1000), ("mot_k16", 2, 1000)]
