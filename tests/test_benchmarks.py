@@ -11,7 +11,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import compile_speed  # noqa: E402
 import generation_speed  # noqa: E402
+import gpu_check  # noqa: E402
 import layer_speed  # noqa: E402
 import quality  # noqa: E402
 import train_speed  # noqa: E402
@@ -200,6 +202,38 @@ def test_generation_speed_benchmark_compares_motgpt_with_gpt2(tmp_path, keep_thr
     assert [row["batch_size"] for row in report["results"]] == [8, 16]
     assert all(row["ratio_motgpt_to_gpt2"] > 0 for row in report["results"])
     assert {"torch", "threads", "cpu"} <= report["machine"].keys()  # common.machine_info()
+
+
+def test_gpu_check_einsum_layer_is_the_mot_layer():
+    """The GPU check's plain einsum layer, written from DESIGN.md's math, computes what MoTLayer computes on the same
+    weights (float64, so only the order of sums differs)."""
+    layer = layer_speed.build_layers(16, 8, 4, ("mot",))["mot"].double()
+    layer.experts.act_fn = torch.nn.ReLU()
+    x = torch.randn(8, 5, 16, dtype=torch.float64)
+    torch.testing.assert_close(gpu_check.EinsumMoT(layer)(x), layer(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_mode_passes_on_cpu(tmp_path, keep_threads):
+    """`gpu_check.py --quick`: every section runs on the CPU and every check holds, in one JSON."""
+    out = tmp_path / "gpu_check.json"
+    results = gpu_check.main(["--quick", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["failed"] == results["failed"] == []
+    correctness = results["correctness"]
+    assert all(correctness[kind]["cache_equals_recompute"] for kind in gpu_check.KINDS)
+    assert correctness["mot"]["fillers_equal_recomputed_group"]
+    assert {row["model"] for row in results["decode_speed"]["rows"]} == {"motgpt", "gpt2"}
+    pair = results["training_pair"]
+    assert pair["mot-poc"]["steps"] > 0 and pair["dense-poc"]["finite"]
+
+
+@pytest.mark.slow
+def test_compile_speed_benchmark_compares_eager_and_compiled(tmp_path, keep_threads):
+    out = tmp_path / "compile.json"
+    report = compile_speed.main(["--quick", "--stages", "train", "serve", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report)) and out.with_suffix(".png").stat().st_size
+    assert {(row["stage"], row["model"]) for row in report["results"]} >= {("train", "mot"), ("serve", "mot")}
+    assert all(row["speedup"] > 0 and row["compiled_ms"] > 0 for row in report["results"])
 
 
 def test_regime_stage_trains_the_asked_seeds_of_the_asked_variants(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import openai
 import pytest
 import torch
 from helpers import tiny_config, tiny_tokenizer
+from torch._dynamo.utils import counters
 
 from mixture_of_tokens import MoTGPTForCausalLM, serving
 from mixture_of_tokens.modeling_mot import load_filler_bank, save_filler_bank
@@ -490,6 +491,41 @@ def test_a_failing_batch_fails_its_requests_and_the_engine_goes_on(reference):
         engine.stop()
     assert events["before"][-1].finish_reason == "error" and "out of memory" in events["before"][-1].error
     assert events["after"][-1].finish_reason in ("stop", "length")
+
+
+def greedy_engine_answers(engine: serving.Engine, tokenizer, waves: list[list[list[int]]]) -> list[str]:
+    """The greedy answers (6 tokens) of the engine to each prompt, the waves of prompts submitted one after another."""
+    events: list[list] = []
+    done = threading.Semaphore(0)
+
+    def sink(index: int):
+        return lambda event: (events[index].append(event), done.release())
+
+    engine.start()
+    try:
+        for wave in waves:
+            params = serving.SamplingParams(max_tokens=6, temperature=0)
+            jobs = [serving.Job(prompt, params, sink(len(events) + i), tokenizer) for i, prompt in enumerate(wave)]
+            events.extend([] for _ in wave)
+            engine.submit(jobs)
+            while any(not got or got[-1].finish_reason is None for got in events):
+                assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    return ["".join(event.text for event in got) for got in events]
+
+
+def test_a_compiled_engine_gives_the_eager_engine_s_tokens(reference):
+    """`mot-serve --compile`: decode steps through `torch.compile` (dynamic shapes) give the same greedy answers, for
+    two waves of different sizes (new shapes: recompiled or reused, never wrong)."""
+    model, tokenizer, fillers = reference
+    waves = [[[5, 6, 7]], [[8, 9], [10, 11, 12, 13]]]
+    eager = greedy_engine_answers(serving.Engine(model, tokenizer, fillers, max_wait_ms=0), tokenizer, waves)
+    compiled = serving.Engine(model, tokenizer, fillers, max_wait_ms=0, compile=True)
+    counters.clear()
+    assert greedy_engine_answers(compiled, tokenizer, waves) == eager
+    assert all(eager)
+    assert counters["stats"]["unique_graphs"] >= 1  # the decode steps did run compiled
 
 
 def test_a_grouped_model_without_filler_bank_does_not_start(checkpoints):

@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_queue", type=int, default=256, help="most waiting requests; more get HTTP 503")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="auto: as saved (float32 on CPU)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode steps with torch.compile (dynamic shapes): faster decoding after a compile per new "
+        "shape class, so the first requests wait longer (docs/compile.md)",
+    )
     parser.add_argument("--served_model_name", help="the name clients pass as `model` (default: the folder name)")
     parser.add_argument("--log_level", default="info")
     args = parser.parse_args(argv)
@@ -69,7 +75,9 @@ def load_engine(args: argparse.Namespace) -> Engine:
             f"them in either grouping mode: add one to the checkpoint (`mot-fillers {args.checkpoint} --text "
             "FILE`) or give --fillers FILE."
         )
-    return Engine(model, tokenizer, fillers, args.grouping, args.max_batch_size, args.max_wait_ms, args.max_queue)
+    return Engine(
+        model, tokenizer, fillers, args.grouping, args.max_batch_size, args.max_wait_ms, args.max_queue, args.compile
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -205,6 +205,9 @@ class Engine:
         max_batch_size: most requests (prompts) decoded at once; filler rows come on top.
         max_wait_ms: how long the first waiting request may wait for others before it is admitted anyway.
         max_queue: most requests waiting for admission; more are refused with [`QueueFull`].
+        compile: run the decode steps' forward through `torch.compile` with dynamic shapes (rows, cache length and
+            mask width change from step to step); prompt passes stay eager. The first steps of each new shape class
+            compile (seconds to a minute), later ones run faster (benchmarks/compile_speed.py).
     """
 
     def __init__(
@@ -216,11 +219,13 @@ class Engine:
         max_batch_size: int = 32,
         max_wait_ms: float = 10.0,
         max_queue: int = 256,
+        compile: bool = False,
     ):
         if grouping not in GROUPINGS:
             raise ValueError(f"`grouping` must be one of {GROUPINGS}, got {grouping!r}.")
         config = model.config
         self.model = model.eval()
+        self.decode_model = torch.compile(model.base_model, dynamic=True) if compile else model.base_model
         self.tokenizer = tokenizer
         self.uses_groups = bool(getattr(config, "uses_groups", False))
         self.group_size = config.group_size if self.uses_groups else 1
@@ -385,7 +390,8 @@ class Engine:
         """Hidden states `(n_rows, n_new, n_embd)` of `input_ids` `(n_rows, n_new)`, the cache and mask updated."""
         position_ids = (batch.mask.cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1] :]
         kwargs = {} if batch.router_temperature is None else {"router_temperature": batch.router_temperature}
-        output = self.model.base_model(
+        model = self.decode_model if input_ids.shape[1] == 1 else self.model.base_model
+        output = model(
             input_ids=input_ids,
             attention_mask=batch.mask,
             position_ids=position_ids,
