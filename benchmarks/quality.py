@@ -9,13 +9,18 @@ bundled State of the Union corpus, and evaluates its validation loss every `--ev
 held-out blocks drawn in a fixed shuffled order (every held-out speech, MoT groups of blocks of different speeches,
 full groups only). The stages build on each other:
 
-    python benchmarks/quality.py --stage tune     # every TUNED variant at each of --learning_rates, a short budget
+    python benchmarks/quality.py --stage tune     # every TUNED variant at each of --learning_rates (seed 0)
     python benchmarks/quality.py --stage final    # dense, best MoT and best sparse model at their best rate, 3 seeds
     python benchmarks/quality.py --stage regime   # MoT's ablations, the earlier sparse baselines (borrowed rates)
     python benchmarks/quality.py --stage regime --variants mot_k16 --regime_seeds 1 2   # an ablation's seed spread
     python benchmarks/quality.py --stage long     # dense and the best MoT for --long_factor times the tokens
     python benchmarks/quality.py                  # rebuild the summary from the committed curves, train nothing
     python benchmarks/quality.py --device cuda --bf16 --backbone medium --stage final   # on a GPU
+
+Tuning is at the budget compared: a tuning run has the final comparison's `--max_steps` (so it is also that rate's
+seed-0 run), and the tune stage widens a variant's grid (half the lowest rate, twice the highest) while its best rate
+is at an edge. The final and regime stages refuse to run while a tuned model has fewer than three rates or its best
+at an edge of them.
 
 Each finished run writes its compact curve to `--curves_dir` (one JSON per run, committed), and the summary
 (`--out` JSON and PNG) is always rebuilt from those files alone, so the comparison can be rebuilt without training
@@ -67,7 +72,10 @@ RATE_FROM = {"dense_gpt2_init": "dense", "mot_poc_t0.1": "mot_poc", "mot_medium_
 REGIME = ("mot_k1", "mot_k2", "mot_k8", "mot_k16", "mot_k16_t0.1", "mot_k16_learned_t", "mot_k16_second_half",
           "mot_k16_second_half_t0.1", "mot_k16_emit_experts", "uniform_mot_k16", "dense_gpt2_init", "mot_poc_t0.1",
           "mot_medium_t0.1", "token_choice", "expert_choice")  # fmt: skip
-QUICK = {"max_steps": 4, "tune_steps": 2, "eval_steps": 2, "block_size": 16, "batch_size": 16, "eval_blocks": 16}
+QUICK = {"max_steps": 4, "eval_steps": 2, "block_size": 16, "batch_size": 16, "eval_blocks": 16, "grid_extensions": 0}
+# A tuning grid is widened (the best rate halved or doubled) while its best rate is the lowest or highest tried, at
+# most `--grid_extensions` times; a final comparison needs at least this many rates with the best inside.
+MIN_TUNED_RATES = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--regime_seeds", type=int, nargs="+", default=[0], help="seeds of the regime stage (more: its seed spread)"
     )
-    parser.add_argument("--tune_steps", type=int, default=300, help="steps of each tuning run")
+    parser.add_argument(
+        "--tune_steps", type=int, help="steps of each tuning run (default: --max_steps, the budget compared)"
+    )
+    parser.add_argument(
+        "--grid_extensions", type=int, default=2, help="most widenings of a grid whose best rate is at an edge"
+    )
     parser.add_argument("--max_steps", type=int, default=1000, help="steps of each final and regime run")
     parser.add_argument("--long_factor", type=int, default=5, help="the long stage trains this many times longer")
     parser.add_argument("--eval_steps", type=int, default=200)
@@ -104,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+    if args.tune_steps is None:
+        args.tune_steps = args.max_steps
     return args
 
 
@@ -222,6 +237,32 @@ def check_repeats(name: str, steps: int, args: argparse.Namespace) -> dict:
             "--allow_repeats to train it anyway (it is marked repeats_text), or train fewer steps or on more text."
         )
     return {"training_tokens": total, "tokens_seen": seen, "epochs": round(seen / total, 3), "repeats_text": repeats}
+
+
+def tune(variant: str, args: argparse.Namespace) -> None:
+    """Train a variant's tuning runs (seed 0, `tune_steps`) at its grid of rates, then widen the grid while the best
+    rate is the lowest or highest tried: half the lowest or twice the highest, at most `grid_extensions` times."""
+    rates = tuning_rates(variant, args)
+    for extension in range(args.grid_extensions + 1):
+        losses = {rate: final_loss(train(variant, rate, 0, args.tune_steps, args)) for rate in rates}
+        best = min(losses, key=losses.get)
+        if min(rates) < best < max(rates) or extension == args.grid_extensions:
+            return
+        rates.append(best / 2 if best == min(rates) else best * 2)
+
+
+def grid_problems(curves: dict[str, dict], steps: int, variants: tuple[str, ...]) -> dict[str, str]:
+    """Why a tuned variant's rate cannot be used for a comparison: fewer than `MIN_TUNED_RATES` rates tried at
+    `steps` steps, or its best rate at an edge of those tried (a better one may lie beyond)."""
+    problems = {}
+    for variant in variants:
+        losses = {r["learning_rate"]: final_loss(r) for r in tuning_runs(curves, variant, steps)}
+        if len(losses) < MIN_TUNED_RATES:
+            problems[variant] = f"{len(losses)} rates tuned at {steps} steps, fewer than {MIN_TUNED_RATES}"
+        elif min(losses, key=losses.get) in (min(losses), max(losses)):
+            best = min(losses, key=losses.get)
+            problems[variant] = f"best rate {best:g} is at the edge of those tried ({sorted(losses)})"
+    return problems
 
 
 def tuning_rates(variant: str, args: argparse.Namespace) -> list[float]:
@@ -432,6 +473,7 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             )
     repeating = sorted(name for name, record in curves.items() if record.get("repeats_text"))
     return {"tuned_learning_rates": best_learning_rates(curves, args.tune_steps), "learning_rates": rates,
+            "tune_steps": args.tune_steps, "grid_problems": grid_problems(curves, args.tune_steps, TUNED),
             "tuning_final_loss": tuning, "chosen": chosen, "final": final, "differences": differences,
             "regime": regime, "long": long, "runs_repeating_text": repeating}  # fmt: skip
 
@@ -493,13 +535,24 @@ def run_stage(args: argparse.Namespace) -> None:
 
     if args.stage == "tune":
         for variant in TUNED:
-            for rate in tuning_rates(variant, args):
-                train_if_chosen(variant, rate, 0, args.tune_steps)
+            if args.variants is None or variant in args.variants:
+                tune(variant, args)
         return
+    if args.tune_steps != args.max_steps and not args.quick:
+        raise ValueError(
+            f"--stage {args.stage} compares runs of {args.max_steps} steps, so their rates must be tuned at that "
+            f"budget: --tune_steps is {args.tune_steps}. Leave --tune_steps out (it defaults to --max_steps)."
+        )
     curves = load_curves(args.curves_dir, args.backbone)
     missing = [v for v in TUNED if v not in best_learning_rates(curves, args.tune_steps)]
     if missing:
         raise ValueError(f"--stage {args.stage} needs the tuning runs of {missing}: run --stage tune first.")
+    problems = {} if args.quick else grid_problems(curves, args.tune_steps, TUNED)
+    if problems:
+        raise ValueError(
+            f"--stage {args.stage} needs every tuned model's best rate inside a grid of at least {MIN_TUNED_RATES}: "
+            f"{problems}. Run --stage tune (it widens such grids) or give more --learning_rates."
+        )
     rates, chosen = learning_rates(curves, args.tune_steps), chosen_models(curves, args)
     if args.stage == "regime":
         for seed in args.regime_seeds:

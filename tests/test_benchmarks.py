@@ -123,8 +123,9 @@ def test_quality_benchmark_tunes_then_compares_seeds_and_rebuilds_from_curves(qu
     summary = results["summary"]
     rates = summary["tuned_learning_rates"]
     assert set(rates) == {"dense", "mot_k16"} and set(summary["tuning_final_loss"]["dense"]) == {"0.001", "0.003"}
-    expected = {f"{v}-lr{lr:g}-s0-2" for v in ("dense", "mot_k16") for lr in (1e-3, 3e-3)}
-    expected |= {f"{v}-lr{rates[v]:g}-s{seed}-4" for v in ("dense", "mot_k16") for seed in (0, 1)}
+    # Tuned at the budget compared: the best rate's tuning run is the final comparison's seed 0.
+    expected = {f"{v}-lr{lr:g}-s0-4" for v in ("dense", "mot_k16") for lr in (1e-3, 3e-3)}
+    expected |= {f"{v}-lr{rates[v]:g}-s1-4" for v in ("dense", "mot_k16")}
     assert set(curves) == expected
     final = summary["final"]
     assert (final["dense"]["role"], final["mot_k16"]["role"]) == ("dense", "mot")
@@ -148,7 +149,7 @@ def test_quality_benchmark_tunes_then_compares_seeds_and_rebuilds_from_curves(qu
     reached = long["dense_steps_to_this_final_loss"]
     assert reached is None or 0 < reached <= 8
     record = json.loads((tmp_path / "curves" / "tiny" / f"{curves[0]}.json").read_text())
-    assert [step for step, _ in record["validation_curve"]] == [2]  # a tuning run is scored at its end
+    assert [step for step, _ in record["validation_curve"]] == [2, 4]  # a tuning run is a final one: every eval_steps
     assert record["timed_from_step"] == 0
     # A long run stopped after its step-6 checkpoint resumes there; its seconds are timed from step 6.
     name = f"mot_k16-lr{rates['mot_k16']:g}-s0-8"
@@ -204,6 +205,24 @@ def test_generation_speed_benchmark_compares_motgpt_with_gpt2(tmp_path, keep_thr
     assert {"torch", "threads", "cpu"} <= report["machine"].keys()  # common.machine_info()
 
 
+def tuning_records(variant: str, losses: dict[float, float], steps: int = 100) -> dict[str, dict]:
+    """Curve records of a variant's seed-0 runs of `steps` steps, one per learning rate, with these final losses."""
+    records = [{"run": quality.run_id(variant, rate, 0, steps), "variant": variant, "learning_rate": rate, "seed": 0,
+                "max_steps": steps, "validation_curve": [[steps, loss]], "overrides": {}, "parameters": 1,
+                "flops_per_token": 1, "training_seconds": 1.0} for rate, loss in losses.items()]  # fmt: skip
+    return {record["run"]: record for record in records}
+
+
+def test_a_grid_whose_best_rate_is_at_an_edge_or_too_small_is_refused_for_comparison():
+    curves = tuning_records("dense", {1e-3: 5.0, 2e-3: 4.9, 4e-3: 5.1})
+    curves |= tuning_records("mot_k16", {1e-3: 5.0, 2e-3: 4.9, 4e-3: 4.8})
+    curves |= tuning_records("mot_poc", {1e-3: 5.0, 2e-3: 4.9})
+    problems = quality.grid_problems(curves, 100, ("dense", "mot_k16", "mot_poc"))
+    assert set(problems) == {"mot_k16", "mot_poc"}
+    assert "edge" in problems["mot_k16"] and "fewer than 3" in problems["mot_poc"]
+    assert quality.grid_problems(curves, 200, ("dense",)) == {"dense": "0 rates tuned at 200 steps, fewer than 3"}
+
+
 def test_gpu_check_einsum_layer_is_the_mot_layer():
     """The GPU check's plain einsum layer, written from DESIGN.md's math, computes what MoTLayer computes on the same
     weights (float64, so only the order of sums differs)."""
@@ -230,18 +249,25 @@ def test_gpu_check_quick_mode_passes_on_cpu(tmp_path, keep_threads):
 @pytest.mark.slow
 def test_compile_speed_benchmark_compares_eager_and_compiled(tmp_path, keep_threads):
     out = tmp_path / "compile.json"
-    report = compile_speed.main(["--quick", "--stages", "train", "serve", "--out", str(out)])
+    report = compile_speed.main(["--quick", "--stages", "serve", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report)) and out.with_suffix(".png").stat().st_size
-    assert {(row["stage"], row["model"]) for row in report["results"]} >= {("train", "mot"), ("serve", "mot")}
+    assert {(row["stage"], row["model"]) for row in report["results"]} == {("serve", "mot"), ("serve", "dense")}
     assert all(row["speedup"] > 0 and row["compiled_ms"] > 0 for row in report["results"])
 
 
 def test_regime_stage_trains_the_asked_seeds_of_the_asked_variants(tmp_path, monkeypatch):
     trained = []
     monkeypatch.setattr(quality, "train", lambda variant, rate, seed, steps, _: trained.append((variant, seed, steps)))
-    # The committed tuning curves give the learning rates (of the variants tuned when they were made); nothing is
-    # trained for real.
-    monkeypatch.setattr(quality, "TUNED", ("dense", "mot_k16", "mot_k16_t0.1", "token_choice", "expert_choice"))
-    quality.main(["--stage", "regime", "--variants", "mot_k16", "mot_k1", "--regime_seeds", "1", "2",
-                  "--out", str(tmp_path / "q.json")])  # fmt: skip
+    # Tuning curves at the budget compared (1,000 steps, best rate inside the grid) give the rates; nothing trains.
+    monkeypatch.setattr(quality, "TUNED", ("dense", "mot_k16"))
+    curves = tmp_path / "curves" / "tiny"
+    curves.mkdir(parents=True)
+    for variant in ("dense", "mot_k16"):
+        for name, record in tuning_records(variant, {1e-3: 5.0, 2e-3: 4.9, 4e-3: 5.1}, steps=1000).items():
+            (curves / f"{name}.json").write_text(json.dumps(record))
+    argv = ["--variants", "mot_k16", "mot_k1", "--curves_dir", str(tmp_path / "curves"), "--out", str(tmp_path / "q")]
+    quality.main(["--stage", "regime", "--regime_seeds", "1", "2", *argv])
     assert trained == [("mot_k1", 1, 1000), ("mot_k16", 1, 1000), ("mot_k1", 2, 1000), ("mot_k16", 2, 1000)]
+    # Rates tuned at another budget than the one compared are refused.
+    with pytest.raises(ValueError, match="tuned at that budget"):
+        quality.main(["--stage", "regime", "--tune_steps", "300", *argv])

@@ -173,6 +173,7 @@ def test_repeat_guard_refuses_a_run_past_one_epoch_unless_asked_and_marks_it(sma
     # The tuning stage is refused before it trains; with the flag the runs train and are marked.
     monkeypatch.setattr(quality, "TUNED", ("dense", "expert_choice_norm_top2"))
     argv = small_text + ["--stage", "tune", "--learning_rates", "1e-3", "--tune_steps", str(epoch + 1)]
+    argv += ["--grid_extensions", "0"]  # one rate each: no widening of the grid
     with pytest.raises(ValueError, match="--allow_repeats"):
         quality.main(argv)
     assert not (tmp_path / "runs").exists()
