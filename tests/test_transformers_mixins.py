@@ -10,6 +10,7 @@ import unittest
 
 import pytest
 import torch
+from helpers import tiny_config
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 from transformers_common import GenerationTesterMixin, import_transformers_tests
 
@@ -61,20 +62,9 @@ class MoTGPTModelTester:
         self.is_training = True
 
     def get_config(self) -> MoTGPTConfig:
-        return MoTGPTConfig(
-            vocab_size=self.vocab_size,
-            n_positions=64,
-            n_embd=self.hidden_size,
-            n_layer=self.num_hidden_layers,
-            n_head=self.num_attention_heads,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-            **self.overrides,
-        )
+        sizes = dict(n_embd=self.hidden_size, n_layer=self.num_hidden_layers, n_head=self.num_attention_heads)
+        special_ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        return tiny_config(vocab_size=self.vocab_size, **sizes, **special_ids, **self.overrides)
 
     def prepare_config_and_inputs_for_common(self) -> tuple[MoTGPTConfig, dict]:
         input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 3) + 3  # no special ids
