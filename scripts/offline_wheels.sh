@@ -6,13 +6,17 @@
 # `python benchmarks/gpu_check.py --prepare_corpus`), then there:
 #   python3 -m pip install --no-index --no-deps --target /tmp/site .wheels/*.whl
 #   PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_check.py --device cuda
-# Usage: bash scripts/offline_wheels.sh [PYTHON_VERSION [PACKAGE ...]]   (default: 3.12 transformers)
+# Usage: bash scripts/offline_wheels.sh [PYTHON_VERSION [PACKAGE|NAME==VERSION ...]]   (default: 3.12 transformers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version="${1:-3.12}"
 shift || true
 packages=("${@:-transformers}")
-pin() { grep -E "^$1==" constraints.txt || { echo "$1 is not pinned in constraints.txt" >&2; exit 1; }; }
+# A package is taken at its constraints.txt pin; NAME==VERSION names one that is not pinned there.
+pin() {
+  [[ "$1" == *==* ]] && { echo "$1"; return; }
+  grep -E "^$1==" constraints.txt || { echo "$1 is not pinned in constraints.txt: give NAME==VERSION" >&2; exit 1; }
+}
 pins=()
 for package in "${packages[@]}"; do
   pins+=("$(pin "$package")")
