@@ -4,7 +4,8 @@ Expert Choice with the authors' output normalization, at equal expert FLOPs per 
 with the same schedule and scored on the same 2,048 held-out blocks.
 
 A benchmark, not a test. Every run trains one variant (`common.VARIANTS`) of a backbone (`tiny`: 4 blocks, d 128, G 16;
-`medium`: the paper's 8 blocks, d 512, G 32, experts in the second half) with `mot-train`'s code path on the
+`small`: the proof of concept's 4 blocks, d 256, G 32; `medium`: the paper's 8 blocks, d 512, G 32, experts in the
+second half) with `mot-train`'s code path on the
 bundled State of the Union corpus, and evaluates its validation loss every `--eval_steps` steps on `--eval_blocks`
 held-out blocks drawn in a fixed shuffled order (every held-out speech, MoT groups of blocks of different speeches,
 full groups only). The stages build on each other:
@@ -81,7 +82,9 @@ MIN_TUNED_RATES = 3
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["tune", "final", "regime", "long", "summary"], default="summary")
-    parser.add_argument("--backbone", choices=["tiny", "medium"], default="tiny")
+    parser.add_argument(
+        "--backbone", choices=["tiny", "small", "medium"], default="tiny", help="small: the proof of concept's"
+    )
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="train only these of the stage's runs")
     parser.add_argument("--learning_rates", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds the final stage trains")
