@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from transformers import CompileConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,6 +168,14 @@ def make_layer_step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor)
         layer(x).backward(grad)
 
     return step
+
+
+def fullgraph_compile_config() -> CompileConfig:
+    """`generate`'s compile settings for static-cache decoding: the forward compiled with `fullgraph=True`, on any
+    device (transformers compiles on accelerators only, unless told)."""
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True
+    return config
 
 
 def rounded(value: object, digits: int = 5) -> object:

@@ -20,10 +20,12 @@ apart); eager and compiled runs are interleaved, and the median of the per-round
     python benchmarks/compile_speed.py --quick    # tiny sizes, a smoke test
     python benchmarks/compile_speed.py --device cuda
 
-Writes benchmarks/results/compile_speed.json and .png.
+Writes benchmarks/results/compile_speed.json and .png; `--stages` measures some stages again and keeps the others'
+rows (and the machine each stage ran on) from the file.
 """
 
 import argparse
+import json
 import statistics
 import tempfile
 import threading
@@ -36,6 +38,7 @@ import torch
 from common import (
     RESULTS,
     build_layers,
+    fullgraph_compile_config,
     interleaved_times,
     machine_info,
     make_layer_step,
@@ -44,7 +47,6 @@ from common import (
     pyplot,
     write_json,
 )
-from transformers import CompileConfig
 
 from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.data import gpt2_tokenizer
@@ -58,7 +60,6 @@ MODELS = {
 }
 SIZES = {"batch": 32, "seq_len": 64, "vocab_size": 8192, "prompt_len": 16, "new_tokens": 32, "prompts": [1, 128]}
 QUICK_SIZES = {"batch": 4, "seq_len": 8, "vocab_size": 64, "prompt_len": 4, "new_tokens": 4, "prompts": [1, 4]}
-COMPARED = ("eager", "compiled")
 QUICK_MODEL = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_experts": 4, "group_size": 2}
 
 
@@ -78,24 +79,31 @@ def build_model(name: str, sizes: dict, quick: bool, device: str) -> MoTGPTForCa
 
 
 def compare(steps: dict[str, Callable[[], object]], device: str, repeats: int, same_output: bool = False) -> dict:
-    """Time the "eager" and "compiled" steps after a first call of the compiled one (the compile, from a clean
-    compiler cache, so that no earlier candidate's graphs count against its recompile limit); the compile seconds,
-    the medians and the median per-round speed-up of the compiled step. With `same_output`, the first call's output
-    must equal the eager step's."""
+    """Time the steps ("eager", "compiled" and any other) after a first call of the compiled one (the compile, from a
+    clean compiler cache, so that no earlier candidate's graphs count against its recompile limit): the compile
+    seconds, each step's median, and the median per-round speed-up of the compiled step over "eager" (`speedup`)
+    and over each other step (`speedup_over_NAME`). With `same_output`, every step's output must equal the compiled
+    one's."""
     torch._dynamo.reset()
     start = time.perf_counter()
     compiled_output = steps["compiled"]()
     compile_s = time.perf_counter() - start
     if same_output:
-        assert torch.equal(compiled_output, steps["eager"]()), "compiled decoding changed the tokens"
+        for name, step in steps.items():
+            assert torch.equal(step(), compiled_output), f"{name} and compiled decoding gave other tokens"
     times, discarded = interleaved_times(steps, device, repeats, warmup=1)
-    return {
-        "compile_s": round(compile_s, 1),
-        "eager_ms": round(statistics.median(times["eager"]), 2),
-        "compiled_ms": round(statistics.median(times["compiled"]), 2),
-        "speedup": round(1 / median_ratio(times["compiled"], times["eager"]), 3),
-        "discarded_rounds": discarded,
-    }
+    row = {"compile_s": round(compile_s, 1)}
+    row |= {f"{name}_ms": round(statistics.median(t), 2) for name, t in times.items()}
+    for name in steps.keys() - {"compiled"}:
+        key = "speedup" if name == "eager" else f"speedup_over_{name}"
+        row[key] = round(1 / median_ratio(times["compiled"], times[name]), 3)
+    return row | {"discarded_rounds": discarded}
+
+
+def tokens_per_second(row: dict, new_tokens: int) -> dict:
+    """Each timed step's new tokens per second, from its median milliseconds."""
+    return {key.replace("_ms", "_tokens_per_s"): round(1000 * new_tokens / ms, 1) for key, ms in row.items()
+            if key.endswith("_ms")}  # fmt: skip
 
 
 def layer_rows(sizes: dict, quick: bool, device: str, repeats: int) -> list[dict]:
@@ -131,8 +139,8 @@ def train_rows(sizes: dict, quick: bool, device: str, repeats: int) -> list[dict
 
 
 def decode_rows(sizes: dict, quick: bool, device: str, repeats: int) -> list[dict]:
-    compile_config = CompileConfig(fullgraph=True)
-    compile_config._compile_all_devices = True  # generate compiles only on accelerators unless told
+    """`generate`: eager with the dynamic cache (what a user runs by default), eager with a static cache, and the
+    static cache with the forward compiled, so that the cache's share of the speed-up shows apart."""
     settings = dict(
         max_new_tokens=sizes["new_tokens"], min_new_tokens=sizes["new_tokens"], do_sample=False, pad_token_id=1
     )
@@ -141,16 +149,14 @@ def decode_rows(sizes: dict, quick: bool, device: str, repeats: int) -> list[dic
         model = build_model(name, sizes, quick, device).eval()
         for n_prompts in sizes["prompts"]:
             prompts = torch.randint(2, sizes["vocab_size"], (n_prompts, sizes["prompt_len"]), device=device)
+            static = partial(model.generate, prompts, cache_implementation="static", **settings)
             steps = {
                 "eager": partial(model.generate, prompts, **settings),
-                "compiled": partial(
-                    model.generate, prompts, cache_implementation="static", compile_config=compile_config, **settings
-                ),
+                "static": partial(static, disable_compile=True),  # a GPU would compile it by itself
+                "compiled": partial(static, compile_config=fullgraph_compile_config()),
             }
             row = {"stage": "decode", "model": name, "prompts": n_prompts} | compare(steps, device, repeats, True)
-            for key in COMPARED:
-                row[f"{key}_tokens_per_s"] = round(1000 * n_prompts * sizes["new_tokens"] / row[f"{key}_ms"], 1)
-            rows.append(row)
+            rows.append(row | tokens_per_second(row, n_prompts * sizes["new_tokens"]))
             print(rows[-1], flush=True)
     return rows
 
@@ -173,7 +179,9 @@ def serve_rows(sizes: dict, quick: bool, device: str, repeats: int) -> list[dict
     rows = []
     for name in ("mot", "dense"):
         model = build_model(name, sizes, quick, device).eval()
-        engines = {key: Engine(model, tokenizer, max_wait_ms=0, compile=key == "compiled") for key in COMPARED}
+        engines = {
+            key: Engine(model, tokenizer, max_wait_ms=0, compile=key == "compiled") for key in ("eager", "compiled")
+        }
         for engine in engines.values():
             engine.start()
         try:
@@ -182,9 +190,7 @@ def serve_rows(sizes: dict, quick: bool, device: str, repeats: int) -> list[dict
                 steps = {key: partial(serve_wave, engine, tokenizer, prompts, sizes["new_tokens"])
                          for key, engine in engines.items()}  # fmt: skip
                 row = {"stage": "serve", "model": name, "prompts": n_prompts} | compare(steps, device, repeats)
-                for key in COMPARED:
-                    row[f"{key}_tokens_per_s"] = round(1000 * n_prompts * sizes["new_tokens"] / row[f"{key}_ms"], 1)
-                rows.append(row)
+                rows.append(row | tokens_per_second(row, n_prompts * sizes["new_tokens"]))
                 print(rows[-1], flush=True)
         finally:
             for engine in engines.values():
@@ -217,8 +223,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes, repeats = (QUICK_SIZES, 2) if args.quick else (SIZES, args.repeats)
-    rows = [row for stage in args.stages for row in stages[stage](sizes, args.quick, args.device, repeats)]
-    results = {"machine": machine_info(), "sizes": sizes, "models": MODELS, "results": rows}
+    # The stages not run this time keep their rows and machine from an earlier file of the same sizes, so that one
+    # stage can be measured again alone.
+    earlier = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if earlier.get("sizes") != json.loads(json.dumps(sizes)):
+        earlier = {}
+    machines = {stage: info for stage, info in earlier.get("machine", {}).items() if stage not in args.stages}
+    rows = [row for row in earlier.get("results", []) if row["stage"] not in args.stages]
+    for stage in args.stages:
+        machines[stage] = machine_info()
+        rows += stages[stage](sizes, args.quick, args.device, repeats)
+    order = list(stages)
+    rows.sort(key=lambda row: order.index(row["stage"]))  # stable: each stage's rows in their own order
+    results = {"machine": machines, "sizes": sizes, "models": MODELS, "results": rows}
     write_json(results, args.out)
     plot(rows, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and its .png chart")

@@ -26,6 +26,7 @@ from transformers.generation import (
 )
 from transformers.generation.streamers import BaseStreamer
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import batched_mm_experts_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -134,8 +135,8 @@ def current_token_mask(
 
 def _is_packed(position_ids: torch.Tensor | None, token_mask: torch.Tensor | None) -> bool:
     """Whether some row holds several sequences: its position ids fail to increase between two real tokens
-    (`token_mask`, None: all real; left padding, whose positions `generate` fills with 1s, is not a restart). It
-    reads the data, so traced code (`torch.compile(fullgraph=True)`, `torch.export`) cannot run it: see
+    (`token_mask`, None: all real; left padding, whose positions `generate` fills with a constant, is not a
+    restart). It reads the data, so traced code (`torch.compile(fullgraph=True)`, `torch.export`) cannot run it: see
     `MoTGPTModel._check_grouped_batch`."""
     if position_ids is None or position_ids.shape[-1] < 2:
         return False
@@ -375,11 +376,14 @@ class TokenChoiceLayer(nn.Module):
         if self.capacity_factor is not None:
             gates = gates.masked_fill(~self.within_capacity(chosen, mask, batch_size), 0.0)
         gates = gates.to(x.dtype)
-        kernel_fails = not grouped_mm_kernel_fits(self.experts) and not torch.compiler.is_compiling()
-        if self.experts.config._experts_implementation == "grouped_mm" and kernel_fails:
-            # float64 or odd widths: the loop over experts, instead of the kernel's error. (Traced code never calls
-            # the kernel in float32 or float64: transformers' grouped_mm forward runs its own loop, an opaque op.)
-            update = eager_experts_forward(self.experts, x, chosen, gates)
+        if self.experts.config._experts_implementation == "grouped_mm" and not grouped_mm_kernel_fits(self.experts):
+            # float64 or odd widths, which torch's grouped matmul kernel refuses: the loop over the experts that have
+            # tokens; in traced code, which cannot read which those are, transformers' batched_mm forward (each
+            # token's rows against its experts' gathered weights).
+            if torch.compiler.is_compiling():
+                update = batched_mm_experts_forward(self.experts, x, chosen, gates)
+            else:
+                update = eager_experts_forward(self.experts, x, chosen, gates)
         else:
             update = self.experts(x, chosen, gates)
         return self.dropout(update.view_as(hidden_states))
@@ -690,8 +694,9 @@ class MoTGPTPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    # The forward has no data-dependent branch or shape in traced inference (see `_check_grouped_batch`), so
-    # `generate` may compile it with `fullgraph=True` for static-cache decoding, and `torch.export` traces it.
+    # The forward has no data-dependent branch or shape in traced inference (see `_check_grouped_batch`): it compiles
+    # with `fullgraph=True` (static-cache decoding) and `torch.export` traces it. The flag declares it, as
+    # transformers' models do (its generation compile tests read it).
     _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": MoTGPTBlock,
@@ -1133,7 +1138,9 @@ class MoTGPTForCausalLM(MoTGPTPreTrainedModel, GenerationMixin):
             model_inputs["token_mask"] = (
                 torch.ones(batch_size, seq_len, dtype=torch.long, device=current.device)
                 if attention_mask is None
-                else attention_mask[:, -seq_len:].contiguous()  # a fixed stride too: a view's grows with the mask
+                # Contiguous: a fixed stride too (a view's grows with the mask); on the model's device, where the
+                # parent has moved the other inputs.
+                else attention_mask[:, -seq_len:].contiguous().to(current.device)
             )
         return model_inputs
 

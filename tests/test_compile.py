@@ -34,18 +34,28 @@ def left_padded_prompts(batch_size: int, length: int, seed: int) -> tuple[torch.
     return ids, mask
 
 
+def an_early_token(model: MoTGPTForCausalLM, ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """A token that greedy decoding of `ids` emits among its first new tokens and that the model's filler bank does
+    not hold: used as EOS, it ends a row early."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=1, eos_token_id=None)
+    bank = model.group_fillers
+    return next(t for t in out[:, ids.shape[1] + 1 : -3].flatten().tolist() if bank is None or t not in bank)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_static_cache_decoding_compiles_once_and_gives_the_eager_tokens(kind):
     """`generate` with a static cache compiles the forward with `fullgraph=True` once: later steps and a second call
     with other prompts of the same shape reuse it (a recompile raises), and the greedy tokens equal eager decoding's.
-    The MoT prompts are two, completed into groups of 3 by the model's filler bank, with EOS on (finished rows leave
-    the mixing)."""
+    The MoT model gets two prompts, each completed into a group of 3 by its filler bank. EOS is a token the first
+    prompts emit early, so rows finish while others decode (a finished row leaves its group's mixtures)."""
     model = one_block_model(kind)
     if kind == "mot":
-        model.set_group_fillers(random_ids(4, 40, seed=9))  # ids >= 2: no EOS (id 0) in the bank
+        model.set_group_fillers(random_ids(4, 40, seed=9) % 47 + 50)  # ids 50-96: room for an EOS outside
     compile_config = CompileConfig(fullgraph=True)
     compile_config._compile_all_devices = True  # generate compiles only on accelerators unless told
-    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=1, eos_token_id=0)
+    ids, mask = left_padded_prompts(2, 6, seed=0)
+    eos = an_early_token(model, ids, mask)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=1, eos_token_id=eos)
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -56,8 +66,23 @@ def test_static_cache_decoding_compiles_once_and_gives_the_eager_tokens(kind):
                 ids, attention_mask=mask, cache_implementation="static", compile_config=compile_config, **settings
             )
             assert torch.equal(compiled, eager)
+            if seed == 0:
+                assert (eager[:, 6:-1] == eos).any()  # a row finished before the last step
     assert counters["stats"]["unique_graphs"] == 1
     assert hasattr(model, "_compiled_call")  # the decoding steps did run compiled
+
+
+def test_token_choice_with_widths_the_grouped_kernel_refuses_compiles_in_bfloat16():
+    """bfloat16 experts whose rows are not multiples of 16 bytes (d 20): eager takes the loop over experts, traced
+    code transformers' batched_mm forward; both give the same update (bfloat16 rounding)."""
+    config = tiny_config(n_embd=20, n_head=2, ffn_type="token_choice", num_experts_per_tok=2, capacity_factor=None,
+                         experts_implementation="grouped_mm")  # fmt: skip
+    layer = TokenChoiceLayer(config).to(torch.bfloat16)
+    for weight in layer.parameters():
+        torch.nn.init.normal_(weight, std=0.3)
+    x = torch.randn(3, 4, 20, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=2e-2, atol=2e-2)
 
 
 def test_token_choice_compiles_fullgraph_in_float32_with_the_eager_outputs_and_gradients():

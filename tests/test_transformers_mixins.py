@@ -22,10 +22,19 @@ from transformers_tests.test_modeling_common import ModelTesterMixin, ids_tensor
 
 pytestmark = pytest.mark.slow
 
-# The mixins find a class's role (base model, causal LM head) in transformers' auto mappings, by name, where a model
-# inside transformers is listed (models/auto/modeling_auto.py): MoTGPT is listed there for this module's tests.
-MODEL_MAPPING_NAMES.setdefault(MoTGPTConfig.model_type, "MoTGPTModel")
-MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(MoTGPTConfig.model_type, "MoTGPTForCausalLM")
+
+@pytest.fixture(scope="module", autouse=True)
+def listed_in_transformers_auto_mappings():
+    """The mixins find a class's role (base model, causal LM head) in transformers' auto mappings, by name, where a
+    model inside transformers is listed (models/auto/modeling_auto.py): MoTGPT is listed there for this module's
+    tests only."""
+    mappings = ((MODEL_MAPPING_NAMES, "MoTGPTModel"), (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "MoTGPTForCausalLM"))
+    for mapping, name in mappings:
+        mapping[MoTGPTConfig.model_type] = name
+    yield
+    for mapping, _ in mappings:
+        del mapping[MoTGPTConfig.model_type]
+
 
 KINDS = {
     "mot_g2": {"group_size": 2, "n_experts": 4},
