@@ -46,11 +46,11 @@ from common import (
     variant_model,
     write_json,
 )
-from transformers import Trainer, get_scheduler
+from transformers import get_scheduler
 
 from mixture_of_tokens import MoTGPTForCausalLM
 from mixture_of_tokens.card import flops_per_token, parameter_counts
-from mixture_of_tokens.trainer import NO_DECAY_SUFFIXES
+from mixture_of_tokens.trainer import decay_parameter_names
 from mixture_of_tokens.training import MoTTrainingArguments
 
 BOS, SEP, SPECIALS = 0, 1, 2
@@ -146,7 +146,7 @@ def training_fields(spec: dict) -> dict:
 
 def optimizer_for(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW with `mot-train`'s weight-decay exemptions (`MoTTrainer`'s rule: biases, norms, learned temperatures)."""
-    decay = {n for n in Trainer.get_decay_parameter_names(None, model) if not n.endswith(NO_DECAY_SUFFIXES)}
+    decay = set(decay_parameter_names(model))
     groups = [
         {"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": weight_decay},
         {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},

@@ -16,12 +16,18 @@ from .modeling_mot import save_filler_bank
 NO_DECAY_SUFFIXES = ("log_temperature",)
 
 
+def decay_parameter_names(model: torch.nn.Module) -> list[str]:
+    """The parameters `MoTTrainer` decays: those `Trainer` decays (its rule reads only the model) but learned
+    temperatures."""
+    return [name for name in Trainer.get_decay_parameter_names(None, model) if not name.endswith(NO_DECAY_SUFFIXES)]
+
+
 class MoTTrainer(Trainer):
     """`Trainer` that also exempts learned MoT temperatures from weight decay, shards with FSDP on
     CPU too, and saves an FSDP model whole."""
 
     def get_decay_parameter_names(self, model) -> list[str]:
-        return [name for name in super().get_decay_parameter_names(model) if not name.endswith(NO_DECAY_SUFFIXES)]
+        return decay_parameter_names(model)
 
     def create_accelerator_and_postprocess(self) -> None:
         """As `Trainer`'s, with FSDP on CPU too, and under `accelerate launch` with an FSDP config that names no wrap
