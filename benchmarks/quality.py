@@ -441,6 +441,8 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             # Steps, on the seed-mean curves: this model's to reach dense's final loss, and dense's to reach this one's.
             entry["steps_to_dense_final_loss"] = steps_to_reach(entry["mean_curve"], dense["mean_curve"][-1][1])
             entry["dense_steps_to_this_final_loss"] = steps_to_reach(dense["mean_curve"], entry["mean_curve"][-1][1])
+            # The gap against tokens within the comparison's budget (under one epoch unless marked repeats_text).
+            entry["gap_against_tokens"] = gap_against_tokens(entry["mean_curve"], dense["mean_curve"], args)
     # Every pair of the final models, e.g. "mot_k16 - dense": the gap of the seed means, and whether it exceeds the
     # spread.
     losses, variants = {variant: entry["final_validation_loss"] for variant, entry in final.items()}, list(final)
@@ -464,13 +466,11 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             long[variant] = {"role": roles.get(variant), "learning_rate": rate,
                              "validation_curve": record["validation_curve"], **text_use([record])}  # fmt: skip
     dense_long = long.get(chosen["dense"])
-    dense_curve = dict(dense_long["validation_curve"]) if dense_long else {}
     for entry in long.values():
         if dense_long and entry is not dense_long:
-            entry["gap_against_tokens"] = [
-                [step * args.batch_size * args.block_size, loss - dense_curve[step]]
-                for step, loss in entry["validation_curve"] if step in dense_curve
-            ]  # fmt: skip
+            entry["gap_against_tokens"] = gap_against_tokens(
+                entry["validation_curve"], dense_long["validation_curve"], args
+            )
             entry["dense_steps_to_this_final_loss"] = steps_to_reach(
                 dense_long["validation_curve"], entry["validation_curve"][-1][1]
             )
@@ -479,6 +479,13 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             "tune_steps": args.tune_steps, "grid_problems": grid_problems(curves, args.tune_steps, TUNED),
             "tuning_final_loss": tuning, "chosen": chosen, "final": final, "differences": differences,
             "regime": regime, "long": long, "runs_repeating_text": repeating}  # fmt: skip
+
+
+def gap_against_tokens(curve: list, dense_curve: list, args: argparse.Namespace) -> list[list[float]]:
+    """`[tokens seen, loss - dense's loss]` at each step that both curves evaluated."""
+    dense_at = dict(dense_curve)
+    tokens_per_step = args.batch_size * args.block_size
+    return [[step * tokens_per_step, loss - dense_at[step]] for step, loss in curve if step in dense_at]
 
 
 def text_use(runs: list[dict]) -> dict:
@@ -511,12 +518,16 @@ def plot(curves: dict[str, dict], summary: dict, args: argparse.Namespace, path:
     if summary["final"]:
         low = min(e["final_validation_loss"]["min"] for e in summary["final"].values())
         final_ax.set_ylim(low - 0.1, low + 1.2)
-    for index, (variant, entry) in enumerate(summary["long"].items()):
-        if "gap_against_tokens" in entry:
-            tokens, gaps = zip(*entry["gap_against_tokens"], strict=True)
-            long_ax.plot([t / 1e6 for t in tokens], gaps, marker="o", color=f"C{index}", label=variant)
-    long_ax.axhline(0, color="C0", ls=":")
-    long_ax.set_title("MoT minus dense, long runs")
+    # The final models' seed-mean gaps (solid) and the long runs' (dashed), in the final panel's colours.
+    colours = {variant: f"C{index}" for index, variant in enumerate(summary["final"])}
+    for style, entries in (("-", summary["final"]), ("--", summary["long"])):
+        for variant, entry in entries.items():
+            if "gap_against_tokens" in entry:
+                tokens, gaps = zip(*entry["gap_against_tokens"], strict=True)
+                long_ax.plot([t / 1e6 for t in tokens], gaps, ls=style, marker="o", color=colours.get(variant, "k"),
+                             label=variant + (" (long)" if style == "--" else ""))  # fmt: skip
+    long_ax.axhline(0, color="gray", ls=":")
+    long_ax.set_title("minus dense: final models (seed means), long runs (dashed)")
     long_ax.set_xlabel("tokens seen (millions)")
     for ax in (tune_ax, final_ax, long_ax):
         ax.set_ylabel("validation loss (nats/token)" if ax is not long_ax else "loss gap (nats/token)")

@@ -88,6 +88,10 @@ def test_best_mot_is_the_lowest_seed_mean_and_former_picks_stay_in_the_summary()
     assert final["mot_k16_second_half"]["role"] == "mot" and final["mot_k16_second_half"]["seeds"] == [0]
     assert final["mot_k16_t0.1"]["role"] is None and final["mot_k16_t0.1"]["seeds"] == [0, 1, 2]
     assert summary["differences"]["mot_k16_t0.1 - dense"]["gap"] == pytest.approx(0.1)
+    # The gap against tokens within the comparison's budget, on the seed-mean curves, at each evaluation.
+    assert final["mot_k16_t0.1"]["gap_against_tokens"] == [[500 * 32 * 64, pytest.approx(0.1)],
+                                                          [1000 * 32 * 64, pytest.approx(0.1)]]  # fmt: skip
+    assert "gap_against_tokens" not in final["dense"]
     assert "token_choice" not in final  # tuned only, never a final model
     assert summary["long"]["mot_k16_t0.1"]["gap_against_tokens"][-1] == [5000 * 32 * 64, pytest.approx(0.1)]
     # Its other seeds put its mean above the former pick's: that one is the pick again, both stay in the summary.
