@@ -1,8 +1,12 @@
 """The main job: train a small MoT model and its dense twin on the bundled corpus, evaluate both, generate samples
-through `pipeline`, and write a report folder.
+through `pipeline`, and write a report folder that says where MoT stands against dense at that budget.
 
-    mot-main                      # defaults: mot-tiny vs dense-tiny, under 30 minutes on 2 cores
+    mot-main                      # defaults: the quality benchmark's best MoT and its dense twin, at its budget
     mot-main --max_steps 20       # a quick smoke run
+
+The defaults are the quality benchmark's final comparison (docs/results.md): `mot-tiny-tuned` (MoT k 16 in the
+second half of the blocks at T 0.1) and `dense-tiny-tuned`, each at its tuned learning rate (the presets bring it),
+for 1,000 steps of 32 x 64 tokens.
 
 Runs live in RUNS_DIR/<preset>; an interrupted job resumes from their checkpoints, and finished runs are reused.
 The report (REPORT_DIR) holds metrics.json (perplexity by grouping, the offline lm-eval tasks through `motgpt`,
@@ -19,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from .card import flops_per_token, parameter_counts, render_model_card
 from .evaluation import evaluate_on_corpora
+from .presets import preset_training
 from .run_log import plot_loss_curves, read_metrics, train_or_reuse
 from .training import MoTTrainingArguments, ScriptArguments, run_training
 
@@ -39,11 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mot-main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--presets", nargs=2, default=["mot-tiny", "dense-tiny"], help="the MoT model and its twin")
-    parser.add_argument("--max_steps", type=int, default=300)
+    parser.add_argument(
+        "--presets", nargs=2, default=["mot-tiny-tuned", "dense-tiny-tuned"], help="the MoT model and its twin"
+    )
+    parser.add_argument("--max_steps", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--block_size", type=int, default=128)
-    parser.add_argument("--eval_steps", type=int, default=50)
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--eval_steps", type=int, default=200)
     parser.add_argument("--eval_blocks", type=int, default=256, help="blocks per corpus in the final evaluation")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--report_dir", default="report")
@@ -55,14 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def train(preset: str, args: argparse.Namespace) -> Path:
-    """Train `preset` into RUNS_DIR/preset, resuming from a checkpoint, or reuse a finished run."""
-    output_dir = Path(args.runs_dir) / preset
-    script = ScriptArguments(
-        preset=preset, block_size=args.block_size, max_eval_blocks=64, data_cache_dir=args.data_cache_dir
-    )
-    training_args = MoTTrainingArguments(
-        output_dir=str(output_dir),
+def training_arguments(preset: str, args: argparse.Namespace) -> MoTTrainingArguments:
+    """The run's training arguments: the job's budget, and the learning rate (or whole recipe) the preset sets."""
+    return MoTTrainingArguments(
+        output_dir=str(Path(args.runs_dir) / preset),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
@@ -70,10 +73,34 @@ def train(preset: str, args: argparse.Namespace) -> Path:
         save_steps=args.eval_steps,
         logging_steps=10,
         seed=args.seed,
+        **preset_training(preset),
     )
-    print(f"[main] {preset}: {args.max_steps} steps")
+
+
+def train(preset: str, args: argparse.Namespace) -> Path:
+    """Train `preset` into RUNS_DIR/preset, resuming from a checkpoint, or reuse a finished run."""
+    training_args = training_arguments(preset, args)
+    script = ScriptArguments(
+        preset=preset, block_size=args.block_size, max_eval_blocks=64, data_cache_dir=args.data_cache_dir
+    )
+    print(f"[main] {preset}: {args.max_steps} steps at lr {training_args.learning_rate:g}")
     train_or_reuse(script, training_args, run_training)
-    return output_dir
+    return Path(training_args.output_dir)
+
+
+def where_mot_stands(results: dict, mot: str, dense: str, args: argparse.Namespace) -> str:
+    """The report's verdict: MoT's validation loss against its dense twin's at this budget, with the price paid."""
+    mot_loss, dense_loss = (results[p]["validation"]["batch"]["mean_nll"] for p in (mot, dense))
+    gap, tokens = mot_loss - dense_loss, args.max_steps * args.batch_size * args.block_size
+    flops = results["flops_ratio_mot_to_dense"]
+    parameters = results[mot]["parameters"] / results[dense]["parameters"]
+    return (
+        f"After {args.max_steps:,} steps of {args.batch_size} x {args.block_size} tokens ({tokens / 1e6:.1f} M "
+        f"tokens), {mot} ends {abs(gap):.3f} nats ({abs(gap) / dense_loss:.1%}) "
+        f"{'behind' if gap > 0 else 'ahead of'} {dense} in held-out validation loss ({mot_loss:.3f} against "
+        f"{dense_loss:.3f}), at {flops:.3f} times its FLOPs per token and {parameters:.1f} times its parameters. "
+        "One seed each; the quality benchmark (docs/results.md) measures the spread over seeds."
+    )
 
 
 def generate_samples(run: Path, prompts: list[str]) -> list[dict]:
@@ -149,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     results["validation_loss_ratio_mot_to_dense"] = (
         results[mot]["validation"]["batch"]["mean_nll"] / results[dense]["validation"]["batch"]["mean_nll"]
     )
+    results["mot_minus_dense_validation_loss"] = (
+        results[mot]["validation"]["batch"]["mean_nll"] - results[dense]["validation"]["batch"]["mean_nll"]
+    )
+    results["where_mot_stands"] = where_mot_stands(results, mot, dense, args)
     results["total_seconds"] = round(time.time() - started, 1)
     (report / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_loss_curves({preset: read_metrics(run) for preset, run in runs.items()}, report / "loss_curves.png")
@@ -158,10 +189,13 @@ def main(argv: list[str] | None = None) -> None:
         lines += [f"## {preset}", ""] + [f"- {item['text']!r}" for item in items] + [""]
     (report / "samples.md").write_text("\n".join(lines))
 
+    optimizer = training_arguments(mot, args)
     training_details = (
         f"Trained from scratch for {args.max_steps} steps of {args.batch_size} x {args.block_size} tokens on the "
         "State of the Union addresses (1790-2002; the 20 latest speeches held out), with a byte-level BPE of "
-        "8,192 tokens, AdamW (lr 7e-4, cosine to 10%, weight decay 0.1, clipping 0.5)."
+        f"8,192 tokens, AdamW (lr {optimizer.learning_rate:g}, {optimizer.lr_scheduler_type}, warm-up "
+        f"{optimizer.warmup_steps:g}, weight decay {optimizer.weight_decay:g}, clipping {optimizer.max_grad_norm:g}). "
+        + results["where_mot_stands"]
     )
     card = render_model_card(
         models[mot],
@@ -174,3 +208,4 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[main] report written to {report}/ in {results['total_seconds']} s")
     for preset in args.presets:
         print(f"[main] {preset}: validation perplexity {results[preset]['validation']['batch']['perplexity']:.2f}")
+    print(f"[main] {results['where_mot_stands']}")
