@@ -84,6 +84,18 @@ def test_recipe_presets_follow_the_authors_backbones_and_train_with_the_recipe()
     assert (args.learning_rate, args.weight_decay, args.warmup_steps) == (7e-4, 0.1, 0.05)
 
 
+def test_tuned_presets_are_the_committed_quality_benchmarks_pick_at_its_rates():
+    """`mot-main`'s defaults train the final comparison's dense and MoT models, as the committed summary chose them."""
+    summary = json.loads((ROOT / "benchmarks" / "results" / "quality.json").read_text())["summary"]
+    for preset, role in (("mot-tiny-tuned", "mot"), ("dense-tiny-tuned", "dense")):
+        chosen = summary["chosen"][role]
+        expected, _ = variant(chosen)
+        config = preset_config(preset, vocab_size=64, n_positions=16)
+        assert config.to_diff_dict() == expected.to_diff_dict(), (preset, chosen)
+        _, args = parse_args(["--preset", preset])
+        assert args.learning_rate == summary["learning_rates"][chosen]
+
+
 def test_mot_k16_is_no_longer_called_the_authors_setting():
     assert "mot_k16" not in quality.MOT_TUNED[:2] and {"mot_poc", "mot_medium"} <= set(quality.MOT_TUNED)
     source = (ROOT / "benchmarks" / "common.py").read_text()
