@@ -173,12 +173,9 @@ def main(argv: list[str] | None = None) -> None:
 
     mot, dense = args.presets
     results["flops_ratio_mot_to_dense"] = results[mot]["flops_per_token"] / results[dense]["flops_per_token"]
-    results["validation_loss_ratio_mot_to_dense"] = (
-        results[mot]["validation"]["batch"]["mean_nll"] / results[dense]["validation"]["batch"]["mean_nll"]
-    )
-    results["mot_minus_dense_validation_loss"] = (
-        results[mot]["validation"]["batch"]["mean_nll"] - results[dense]["validation"]["batch"]["mean_nll"]
-    )
+    mot_loss, dense_loss = (results[p]["validation"]["batch"]["mean_nll"] for p in (mot, dense))
+    results["validation_loss_ratio_mot_to_dense"] = mot_loss / dense_loss
+    results["mot_minus_dense_validation_loss"] = mot_loss - dense_loss
     results["where_mot_stands"] = where_mot_stands(results, mot, dense, args)
     results["total_seconds"] = round(time.time() - started, 1)
     (report / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
