@@ -41,6 +41,7 @@ import torch
 from common import (
     RESULTS,
     VARIANTS,
+    colour,
     expert_choice_unprocessed,
     machine_info,
     pyplot,
@@ -266,9 +267,9 @@ def plot(summary: dict, path: Path) -> None:
     for index, (variant, entry) in enumerate(summary.items()):
         ns = sorted(entry["by_n"], key=int)
         facts_ax.plot([int(n) for n in ns], [entry["by_n"][n]["facts_recalled"] for n in ns], marker="o",
-                      color=f"C{index}", label=variant)  # fmt: skip
+                      color=colour(index), label=variant)  # fmt: skip
         bits_ax.plot([int(n) for n in ns], [entry["by_n"][n]["bits_per_non_embedding_parameter"] for n in ns],
-                     marker="o", color=f"C{index}", label=variant)  # fmt: skip
+                     marker="o", color=colour(index), label=variant)  # fmt: skip
     if summary:
         largest = max(int(n) for entry in summary.values() for n in entry["by_n"])
         facts_ax.plot([0, largest], [0, largest], color="gray", ls=":", label="every fact")

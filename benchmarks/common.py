@@ -207,6 +207,14 @@ def pyplot() -> ModuleType:
     return plt
 
 
+def colour(index: int) -> tuple[float, float, float, float]:
+    """The `index`-th of 20 distinct line colours: matplotlib's default cycle repeats after 10, and a benchmark's
+    panel can hold more variants. tab20's dark shades come first (the default cycle's hues), then its light ones."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"]((2 * index) % 20 + (index // 10) % 2)
+
+
 # The quality benchmark's model variants (also trained and timed by others)
 
 

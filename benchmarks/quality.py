@@ -45,6 +45,7 @@ import torch
 from common import (
     RESULTS,
     VARIANTS,
+    colour,
     expert_choice_unprocessed,
     machine_info,
     pyplot,
@@ -503,7 +504,7 @@ def plot(curves: dict[str, dict], summary: dict, args: argparse.Namespace, path:
     for index, (variant, losses) in enumerate(summary["tuning_final_loss"].items()):
         if losses:
             rates = sorted(losses, key=float)
-            tune_ax.plot([float(r) for r in rates], [losses[r] for r in rates], marker="o", color=f"C{index}",
+            tune_ax.plot([float(r) for r in rates], [losses[r] for r in rates], marker="o", color=colour(index),
                          label=variant)  # fmt: skip
     tune_ax.set_xscale("log")
     tune_ax.set_title(f"tuning: loss after {args.tune_steps} steps")
@@ -513,14 +514,14 @@ def plot(curves: dict[str, dict], summary: dict, args: argparse.Namespace, path:
             record = curves[run_id(variant, entry["learning_rate"], seed, args.max_steps)]
             steps, losses = zip(*record["validation_curve"], strict=True)
             label = f"{variant} (lr {entry['learning_rate']:g})" if seed == entry["seeds"][0] else None
-            final_ax.plot(steps, losses, color=f"C{index}", alpha=0.8, label=label)
+            final_ax.plot(steps, losses, color=colour(index), alpha=0.8, label=label)
     final_ax.set_title(f"final comparison, {args.max_steps} steps, every seed")
     final_ax.set_xlabel("training step")
     if summary["final"]:
         low = min(e["final_validation_loss"]["min"] for e in summary["final"].values())
         final_ax.set_ylim(low - 0.1, low + 1.2)
     # The final models' seed-mean gaps (solid) and the long runs' (dashed), in the final panel's colours.
-    colours = {variant: f"C{index}" for index, variant in enumerate(summary["final"])}
+    colours = {variant: colour(index) for index, variant in enumerate(summary["final"])}
     for style, entries in (("-", summary["final"]), ("--", summary["long"])):
         for variant, entry in entries.items():
             if "gap_against_tokens" in entry:
