@@ -244,7 +244,8 @@ def train_or_load(variant: str, n_facts: int, seed: int, args: argparse.Namespac
 
 def summarize(records: list[dict]) -> dict:
     """Per variant, for each N (mean over seeds): facts recalled, their fraction, bits stored per non-embedding
-    parameter, and the largest number of facts recalled at any N (the model's measured capacity)."""
+    parameter and facts recalled during training (step, facts); and the largest number of facts recalled at any N
+    (the model's measured capacity)."""
     summary = {}
     for record in sorted(records, key=lambda r: (r["variant"], r["n_facts"], r["seed"])):
         entry = summary.setdefault(record["variant"], {"by_n": {}})
@@ -253,30 +254,41 @@ def summarize(records: list[dict]) -> dict:
     for entry in summary.values():
         for n, runs in entry["by_n"].items():
             recalled_facts = sum(r["facts_recalled"] for r in runs) / len(runs)
+            curves = [r["facts_recalled_curve"] for r in runs]
             entry["by_n"][n] = {"facts_recalled": recalled_facts, "fraction_recalled": recalled_facts / int(n),
                                 "bits_per_non_embedding_parameter": sum(r["bits_per_non_embedding_parameter"]
                                                                         for r in runs) / len(runs),
+                                "facts_recalled_curve": [[step, sum(c[i][1] for c in curves) / len(curves)]
+                                                         for i, (step, _) in enumerate(curves[0])],
                                 "seeds": [r["seed"] for r in runs]}  # fmt: skip
         entry["most_facts_recalled"] = max(row["facts_recalled"] for row in entry["by_n"].values())
     return summary
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, epochs: int, path: Path) -> None:
     plt = pyplot()
-    fig, (facts_ax, bits_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (facts_ax, bits_ax, steps_ax) = plt.subplots(1, 3, figsize=(18, 4.5))
     for index, (variant, entry) in enumerate(summary.items()):
         ns = sorted(entry["by_n"], key=int)
         facts_ax.plot([int(n) for n in ns], [entry["by_n"][n]["facts_recalled"] for n in ns], marker="o",
                       color=colour(index), label=variant)  # fmt: skip
         bits_ax.plot([int(n) for n in ns], [entry["by_n"][n]["bits_per_non_embedding_parameter"] for n in ns],
                      marker="o", color=colour(index), label=variant)  # fmt: skip
+        # During training, at the variant's largest N; the last measurement is at the end of the last epoch.
+        curve = entry["by_n"][ns[-1]]["facts_recalled_curve"]
+        steps_ax.plot([step * epochs / curve[-1][0] for step, _ in curve], [facts / int(ns[-1]) for _, facts in curve],
+                      marker="o", color=colour(index), label=f"{variant} (N {ns[-1]})")  # fmt: skip
     if summary:
         largest = max(int(n) for entry in summary.values() for n in entry["by_n"])
         facts_ax.plot([0, largest], [0, largest], color="gray", ls=":", label="every fact")
     facts_ax.set_ylabel("facts recalled (exact match)")
     bits_ax.set_ylabel("bits stored per non-embedding parameter")
-    for ax in (facts_ax, bits_ax):
-        ax.set_xlabel("facts trained on (N)")
+    facts_ax.set_xlabel("facts trained on (N)")
+    bits_ax.set_xlabel("facts trained on (N)")
+    steps_ax.set_ylabel("fraction of the facts recalled")
+    steps_ax.set_xlabel("epochs trained (each fact seen once an epoch)")
+    steps_ax.set_title("during training, at each model's largest N")
+    for ax in (facts_ax, bits_ax, steps_ax):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -300,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     write_json(results, out)
-    plot(results["summary"], out.with_suffix(".png"))
+    plot(results["summary"], args.epochs, out.with_suffix(".png"))
     for variant, entry in results["summary"].items():
         print(f"[capacity] {variant:24s} most facts recalled {entry['most_facts_recalled']:.0f}")
     return results

@@ -232,6 +232,7 @@ def test_capacity_benchmark_runs_end_to_end_in_quick_mode_and_resumes(tmp_path, 
     record = json.loads((tmp_path / "runs" / "mot_poc-n64-s0.json").read_text())
     assert record["bits_stored"] == record["facts_recalled"] * 4 * math.log2(32)
     assert [step for step, _ in record["facts_recalled_curve"]] == [20, 40]  # 2 steps an epoch, 20 epochs
+    assert results["summary"]["mot_poc"]["by_n"]["64"]["facts_recalled_curve"] == record["facts_recalled_curve"]
     # Finished runs are read back, not trained again; other settings are refused.
     monkeypatch.setattr(capacity, "train_run", lambda *args: pytest.fail("trained again"))
     assert capacity.main(argv)["summary"] == json.loads(json.dumps(results["summary"]))
