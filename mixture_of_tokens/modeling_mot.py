@@ -912,7 +912,7 @@ class MoTGPTModel(MoTGPTPreTrainedModel):
         logger.warning(
             f"MoTGPT mixes the rows of groups of {group_size}; this batch of {batch_size} rows leaves a group of "
             f"{batch_size % group_size}, whose tokens are mixed with fewer others than in training (a lone block "
-            f"measured +76% perplexity, docs/generation.md). {why}; or pass batches of whole groups."
+            f"measured up to +76% perplexity, docs/generation.md). {why}; or pass batches of whole groups."
         )
         self._warned_incomplete_group = True
 
