@@ -44,6 +44,7 @@ from common import (
     colour,
     expert_choice_unprocessed,
     machine_info,
+    mean_curve,
     pyplot,
     variant_config,
     variant_model,
@@ -254,12 +255,10 @@ def summarize(records: list[dict]) -> dict:
     for entry in summary.values():
         for n, runs in entry["by_n"].items():
             recalled_facts = sum(r["facts_recalled"] for r in runs) / len(runs)
-            curves = [r["facts_recalled_curve"] for r in runs]
             entry["by_n"][n] = {"facts_recalled": recalled_facts, "fraction_recalled": recalled_facts / int(n),
                                 "bits_per_non_embedding_parameter": sum(r["bits_per_non_embedding_parameter"]
                                                                         for r in runs) / len(runs),
-                                "facts_recalled_curve": [[step, sum(c[i][1] for c in curves) / len(curves)]
-                                                         for i, (step, _) in enumerate(curves[0])],
+                                "facts_recalled_curve": mean_curve([r["facts_recalled_curve"] for r in runs]),
                                 "seeds": [r["seed"] for r in runs]}  # fmt: skip
         entry["most_facts_recalled"] = max(row["facts_recalled"] for row in entry["by_n"].values())
     return summary

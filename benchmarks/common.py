@@ -207,6 +207,15 @@ def pyplot() -> ModuleType:
     return plt
 
 
+def mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
+    """`[step, value]` curves averaged at the steps that every curve measured."""
+    by_step = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(step, []).append(value)
+    return [[step, statistics.fmean(values)] for step, values in sorted(by_step.items()) if len(values) == len(curves)]
+
+
 def colour(index: int) -> tuple[float, float, float, float]:
     """The `index`-th of 20 distinct line colours: matplotlib's default cycle repeats after 10, and a benchmark's
     panel can hold more variants. tab20's dark shades come first (the default cycle's hues), then its light ones."""

@@ -48,6 +48,7 @@ from common import (
     colour,
     expert_choice_unprocessed,
     machine_info,
+    mean_curve,
     pyplot,
     variant_config,
     variant_model,
@@ -384,15 +385,6 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
     return None
 
 
-def mean_curve(runs: list[dict]) -> list[list[float]]:
-    """The validation curve averaged over runs evaluated at the same steps."""
-    by_step = {}
-    for record in runs:
-        for step, loss in record["validation_curve"]:
-            by_step.setdefault(step, []).append(loss)
-    return [[step, statistics.fmean(losses)] for step, losses in sorted(by_step.items()) if len(losses) == len(runs)]
-
-
 def mean_and_spread(values: list[float]) -> dict:
     """Mean, sample standard deviation (0 for one value), min and max."""
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -436,7 +428,8 @@ def summarize(curves: dict[str, dict], args: argparse.Namespace) -> dict:
             final[variant] = {"role": roles.get(variant), "learning_rate": rate, "final_validation_loss":
                               mean_and_spread([final_loss(r) for r in runs]), "seeds": [r["seed"] for r in runs],
                               "flops_ratio_to_dense": runs[0]["flops_per_token"] / dense_flops if dense_flops else None,
-                              "mean_curve": mean_curve(runs), **text_use(runs)}  # fmt: skip
+                              "mean_curve": mean_curve([r["validation_curve"] for r in runs]),
+                              **text_use(runs)}  # fmt: skip
     dense = final.get(chosen["dense"])
     for entry in final.values():
         if dense and entry is not dense:
